@@ -1,0 +1,1 @@
+"""sdrt against diffusers, side by side."""

@@ -1,0 +1,1 @@
+"""Torch side: load a diffusers checkpoint, export ONNX, optimize, validate."""

@@ -1,0 +1,1 @@
+"""Numpy side: model directory, tokenizer, schedulers, backends, pipelines. Never imports torch."""

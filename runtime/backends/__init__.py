@@ -1,0 +1,1 @@
+"""Engine backends: named numpy arrays in, named numpy arrays out."""

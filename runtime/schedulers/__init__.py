@@ -1,0 +1,1 @@
+"""Numpy ports of diffusers schedulers."""
