@@ -1,0 +1,218 @@
+"""``sdrt export``: a diffusers checkpoint becomes an sdrt model directory, atomically.
+
+Everything is assembled in a temporary folder beside the target and renamed into place at the
+end: an interrupted export leaves no target, and an existing target stays intact until the new
+one is complete.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from sdrt import __version__
+from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
+
+from . import onnx_graph
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .components import components_for
+from .validate import FP32_MAX_REL, ValidationError, validate
+
+
+class ExportError(RuntimeError):
+    """The export could not complete; the previous model directory (if any) is untouched."""
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it (it is kept until the new export is complete)")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the output folder {parent}: {e.strerror}") from e
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"the output folder {parent} is not writable; choose another --out")
+
+
+def _write_tokenizer(tok, dest: Path) -> dict:
+    """tokenizer.json for the `tokenizers` library, encoding exactly as the checkpoint's tokenizer."""
+    if not getattr(tok, "is_fast", False):
+        from transformers import CLIPTokenizerFast
+
+        tok = CLIPTokenizerFast.from_pretrained(tok.name_or_path)
+    dest.mkdir(parents=True, exist_ok=True)
+    backend = tok.backend_tokenizer
+    backend.no_padding()
+    backend.no_truncation()
+    backend.save(str(dest / "tokenizer.json"))
+    return {
+        "file": f"{dest.name}/tokenizer.json",
+        "max_length": int(min(tok.model_max_length, 77)),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
+def _model_facts(ckpt: Checkpoint) -> dict:
+    vae, unet = ckpt.vae.config, ckpt.unet.config
+    vae_scale = 2 ** (len(vae.block_out_channels) - 1)
+    facts = {
+        "family": ckpt.family,
+        "prediction_type": ckpt.scheduler_config.get("prediction_type", "epsilon"),
+        "latent_channels": unet.in_channels,
+        "vae_scale_factor": vae_scale,
+        "vae_scaling_factor": float(vae.scaling_factor),
+        "vae_shift_factor": float(vae.shift_factor) if getattr(vae, "shift_factor", None) is not None else None,
+        # Latents are divided by the scaling factor (and shifted) by the runtime, outside the decoder graph.
+        "vae_scaling": "runtime",
+        "native_resolution": int(unet.sample_size) * vae_scale,
+        "scheduler_class": ckpt.scheduler_config.get("_class_name"),
+    }
+    if ckpt.family == "sdxl":
+        facts["force_zeros_for_empty_prompt"] = ckpt.extras.get("force_zeros_for_empty_prompt", True)
+        facts["addition_time_embed_dim"] = unet.addition_time_embed_dim
+    return facts
+
+
+def export_model(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    fp16: bool = False,
+    fp16_vae: bool = False,
+    overwrite: bool = False,
+    opset: int = onnx_graph.OPSET,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Export ``checkpoint`` to the model directory ``out``; returns the manifest written."""
+    out = Path(out).absolute()
+    _check_target(out, overwrite)
+    t0 = time.perf_counter()
+    log(f"loading {checkpoint}")
+    ckpt = load_checkpoint(checkpoint, config)
+    log(f"  family {ckpt.family}, loaded in {time.perf_counter() - t0:.1f}s")
+
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+    try:
+        manifest = _export_into(ckpt, work, fp16=fp16, fp16_vae=fp16_vae, opset=opset, log=log)
+        _replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log(f"exported {ckpt.family} to {out} in {time.perf_counter() - t0:.1f}s")
+    return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing target is moved aside first and removed only after."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / target.name, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, opset: int, log) -> dict:
+    src = ckpt.source if ckpt.source.is_dir() else None
+    tokenizers = [_write_tokenizer(ckpt.tokenizer, work / "tokenizer")]
+    if ckpt.tokenizer_2 is not None:
+        tokenizers.append(_write_tokenizer(ckpt.tokenizer_2, work / "tokenizer_2"))
+    (work / "scheduler").mkdir()
+    sched_src = src / "scheduler" / "scheduler_config.json" if src else None
+    if sched_src and sched_src.is_file():
+        shutil.copyfile(sched_src, work / "scheduler" / "scheduler_config.json")  # verbatim
+    else:
+        (work / "scheduler" / "scheduler_config.json").write_text(json.dumps(ckpt.scheduler_config, indent=2) + "\n")
+    (work / "model_index.json").write_text(json.dumps(ckpt.model_index, indent=2) + "\n")
+
+    comps = components_for(ckpt, max_length=tokenizers[0]["max_length"])
+    records = {}
+    for n, comp in enumerate(comps, 1):
+        half = fp16 and (not comp.name.startswith("vae") or fp16_vae)
+        t = time.perf_counter()
+        log(f"[{n}/{len(comps)}] {comp.name}: exporting{' (fp16)' if half else ''}")
+        dest = work / comp.name
+        dest.mkdir()
+        with tempfile.TemporaryDirectory(dir=work, prefix=".trace-") as scratch:
+            raw = Path(scratch) / "model.onnx"
+            onnx_graph.trace(comp, raw, opset)
+            t_trace = time.perf_counter() - t
+            model = onnx.load(str(raw))  # pulls in any external data the tracer wrote
+        model = onnx_graph.optimize(model)
+        if half:
+            model = onnx_graph.to_fp16(model)
+        external = onnx_graph.save(model, dest / "model.onnx")
+        del model
+        gc.collect()
+        t_opt = time.perf_counter() - t - t_trace
+        try:
+            val = validate(comp, dest / "model.onnx")
+        except ValidationError as e:
+            raise ExportError(str(e)) from e
+        except Exception as e:
+            if not half:
+                raise
+            val = {"skipped": f"ONNX Runtime CPU cannot run the fp16 graph: {type(e).__name__}"}
+        if not half and val["max_rel_error"] > FP32_MAX_REL:
+            raise ExportError(
+                f"{comp.name}: ONNX output differs from PyTorch by {val['max_rel_error']:.2e} relative "
+                f"(limit {FP32_MAX_REL:.0e}); the export is not faithful"
+            )
+        size = sum(f.stat().st_size for f in dest.iterdir())
+        records[comp.name] = {
+            "file": f"{comp.name}/model.onnx",
+            "external_data": f"{comp.name}/{onnx_graph.EXTERNAL_DATA_NAME}" if external else None,
+            "inputs": [s.as_dict() for s in comp.inputs],
+            "outputs": [s.as_dict() for s in comp.outputs],
+            "precision": "fp16" if half else "fp32",
+            "opset": opset,
+            "size_bytes": size,
+            "sha256": sha256_file(dest / "model.onnx"),
+            "external_data_sha256": sha256_file(dest / onnx_graph.EXTERNAL_DATA_NAME) if external else None,
+            "validation": val,
+        }
+        err = f"max abs {val['max_abs_error']:.2e}, rel {val['max_rel_error']:.2e}" if "max_abs_error" in val else val["skipped"]
+        log(
+            f"[{n}/{len(comps)}] {comp.name}: {size / 2**20:.1f} MiB, trace {t_trace:.1f}s, "
+            f"optimize+save {t_opt:.1f}s, validate {time.perf_counter() - t - t_trace - t_opt:.1f}s ({err})"
+        )
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "sdrt_version": __version__,
+        **_model_facts(ckpt),
+        "tokenizers": tokenizers,
+        "components": records,
+        "engines": {},
+        "source": {"checkpoint": str(ckpt.source), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+    write_json_atomic(work / MANIFEST_NAME, manifest)
+    return manifest
+
+
+__all__ = ["export_model", "ExportError", "CheckpointError"]

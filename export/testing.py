@@ -1,0 +1,338 @@
+"""Random-weight Stable Diffusion checkpoints in the diffusers layout, built from configs.
+
+No model hub is reachable where sdrt is developed and tested, and none is needed: diffusers and
+transformers construct every model from a config, so a checkpoint with the real architecture
+(or a small one of the same arrangement) can be written locally with ``save_pretrained``.
+
+    python -m sdrt.export.testing sd1 /tmp/sd1 [--seed 0]
+
+Families: ``sd1``, ``sd2`` (v-prediction, OpenCLIP-style text encoder), ``sdxl`` (two text encoders,
+text_time embeddings) are small (an export takes seconds); ``sd1-full`` has the real Stable Diffusion
+1.5 sizes (UNet ~860M parameters) for export and benchmark work at scale.
+
+Tokenizers use the real CLIP BPE vocabulary (49408 tokens). It ships inside the open_clip_torch
+wheel (install it with ``pip install --no-deps open_clip_torch``: its dependencies would replace torch);
+the file is read from there without importing open_clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+FAMILIES = ("sd1", "sd2", "sdxl", "sd1-full")
+
+# The scheduler configs exactly as the public checkpoints ship them.
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+SD21_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+# A small VAE that still downsamples by 8 (four blocks), so latent shapes are the real ones.
+_SMALL_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[32, 32, 64, 64],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=128,
+)
+
+
+def _clip_text(hidden, layers, act, pad_token_id, projection_dim=None, heads=4):
+    return dict(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection_dim or hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=pad_token_id,
+    )
+
+
+def family_spec(family: str) -> dict:
+    """Configs of every component of a test checkpoint of ``family``."""
+    if family == "sd1":
+        return dict(
+            text_encoder=_clip_text(32, 3, "quick_gelu", 49407),
+            tokenizer_pad="<|endoftext|>",
+            unet=dict(
+                sample_size=16,
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=[32, 64],
+                layers_per_block=1,
+                down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+                cross_attention_dim=32,
+                attention_head_dim=4,
+                norm_num_groups=32,
+            ),
+            vae=dict(_SMALL_VAE, scaling_factor=0.18215),
+            scheduler=SD15_SCHEDULER,
+        )
+    if family == "sd2":
+        return dict(
+            text_encoder=_clip_text(32, 3, "gelu", 0),
+            tokenizer_pad="!",
+            unet=dict(
+                sample_size=16,
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=[32, 64],
+                layers_per_block=1,
+                down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+                cross_attention_dim=32,
+                attention_head_dim=[2, 4],
+                use_linear_projection=True,
+                upcast_attention=True,
+                norm_num_groups=32,
+            ),
+            vae=dict(_SMALL_VAE, scaling_factor=0.18215),
+            scheduler=SD21_SCHEDULER,
+        )
+    if family == "sdxl":
+        return dict(
+            text_encoder=_clip_text(32, 3, "quick_gelu", 49407),
+            text_encoder_2=_clip_text(64, 3, "gelu", 0, projection_dim=32),
+            tokenizer_pad="<|endoftext|>",
+            tokenizer_2_pad="!",
+            unet=dict(
+                sample_size=16,
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=[32, 64],
+                layers_per_block=1,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+                cross_attention_dim=96,  # 32 + 64: both encoders' hidden states concatenated
+                attention_head_dim=[2, 4],
+                use_linear_projection=True,
+                transformer_layers_per_block=[1, 2],
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + pooled embedding
+                norm_num_groups=32,
+            ),
+            vae=dict(_SMALL_VAE, scaling_factor=0.13025, force_upcast=True),
+            scheduler=SDXL_SCHEDULER,
+        )
+    if family == "sd1-full":
+        return dict(
+            # CLIP ViT-L/14 text tower, as runwayml/stable-diffusion-v1-5 ships it.
+            text_encoder=_clip_text(768, 12, "quick_gelu", 49407, projection_dim=768, heads=12),
+            tokenizer_pad="<|endoftext|>",
+            unet=dict(
+                sample_size=64,
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=[320, 640, 1280, 1280],
+                layers_per_block=2,
+                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                cross_attention_dim=768,
+                attention_head_dim=8,
+                norm_num_groups=32,
+            ),
+            vae=dict(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4,
+                block_out_channels=[128, 256, 512, 512],
+                layers_per_block=2,
+                latent_channels=4,
+                norm_num_groups=32,
+                sample_size=512,
+                scaling_factor=0.18215,
+            ),
+            scheduler=SD15_SCHEDULER,
+        )
+    raise ValueError(f"unknown test family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+def clip_bpe_path() -> Path:
+    """The CLIP BPE merges file shipped in the open_clip_torch wheel (found without importing open_clip)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            p = Path(loc) / "bpe_simple_vocab_16e6.txt.gz"
+            if p.is_file():
+                return p
+    raise FileNotFoundError(
+        "the CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) was not found; "
+        "install it with: pip install --no-deps open_clip_torch"
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-to-unicode table (openai/CLIP simple_tokenizer.py)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_clip_tokenizer(out_dir: Path, pad_token: str) -> None:
+    """Write the CLIP tokenizer (vocab.json, merges.txt, tokenizer.json) as openai/clip-vit-large-patch14 has it."""
+    from transformers import CLIPTokenizerFast
+
+    with gzip.open(clip_bpe_path(), "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == 49408, len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(
+            json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8"
+        )
+        (Path(tmp) / "merges.txt").write_text(
+            "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+        )
+        tok = CLIPTokenizerFast.from_pretrained(tmp, pad_token=pad_token, model_max_length=77)
+        tok.save_pretrained(out_dir)
+
+
+def build_checkpoint(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a random-weight diffusers checkpoint of ``family`` to ``out_dir``; deterministic in ``seed``."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (diffusers import check)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    spec = family_spec(family)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        te = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"])).eval()
+        te.save_pretrained(out / "text_encoder")
+        del te
+        write_clip_tokenizer(out / "tokenizer", spec["tokenizer_pad"])
+        if "text_encoder_2" in spec:
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"])).eval()
+            te2.save_pretrained(out / "text_encoder_2")
+            del te2
+            write_clip_tokenizer(out / "tokenizer_2", spec["tokenizer_2_pad"])
+        unet = UNet2DConditionModel(**spec["unet"]).eval()
+        _perturb_zero_init(unet, seed)
+        unet.save_pretrained(out / "unet")
+        del unet
+        vae = AutoencoderKL(**spec["vae"]).eval()
+        vae.save_pretrained(out / "vae")
+        del vae
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(spec["scheduler"], indent=2) + "\n")
+    xl = "text_encoder_2" in spec
+    index = {
+        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", spec["scheduler"]["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if xl:
+        index.update(
+            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+            tokenizer_2=["transformers", "CLIPTokenizer"],
+            force_zeros_for_empty_prompt=True,
+        )
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def _perturb_zero_init(module, seed: int) -> None:
+    """diffusers zero-initialises some output projections (conv_out of ControlNet-style blocks, proj_out);
+    a random test model whose UNet output is exactly zero would hide export bugs, so give them small noise."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    for p in module.parameters():
+        if p.dim() > 1 and not p.abs().any():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sdrt.export.testing", description=__doc__.split("\n")[0])
+    ap.add_argument("family", choices=FAMILIES)
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        path = build_checkpoint(args.family, args.out_dir, args.seed)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.family} checkpoint to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
