@@ -105,7 +105,11 @@ def export_model(
     ckpt = load_checkpoint(checkpoint, config)
     log(f"  family {ckpt.family}, loaded in {time.perf_counter() - t0:.1f}s")
 
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    _remove_stale_work_dirs(out)
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-{os.getpid()}-", dir=out.parent))
+    except OSError as e:
+        raise ExportError(f"cannot write in the output folder {out.parent}: {e.strerror}; choose another --out") from e
     os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
     try:
         manifest = _export_into(ckpt, work, fp16=fp16, fp16_vae=fp16_vae, opset=opset, log=log)
@@ -115,6 +119,18 @@ def export_model(
         raise
     log(f"exported {ckpt.family} to {out} in {time.perf_counter() - t0:.1f}s")
     return manifest
+
+
+def _remove_stale_work_dirs(out: Path) -> None:
+    """Temporary folders left by exports that were killed (their process is gone)."""
+    for d in out.parent.glob(f".{out.name}.export-*"):
+        try:
+            pid = int(d.name.rsplit("export-", 1)[1].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            pass
 
 
 def _umask() -> int:

@@ -17,6 +17,14 @@ PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_NAME = "model.onnx_data"
 
 
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is past protobuf's 2 GB limit. ByteSize() itself fails there, so the
+    initializers and nodes are measured one by one (each is far below the limit)."""
+    g = model.graph
+    size = sum(t.ByteSize() for t in g.initializer) + sum(n.ByteSize() for n in g.node)
+    return size > PROTOBUF_LIMIT - (64 << 20)  # headroom for graph metadata
+
+
 def trace(comp: Component, path: Path, opset: int = OPSET) -> None:
     """torch -> ONNX with named dynamic axes (TorchScript exporter: the path TensorRT's and ONNX
     Runtime's own Stable Diffusion tools use, and whose dynamic_axes naming we keep)."""
@@ -46,7 +54,7 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
-    large = model.ByteSize() > PROTOBUF_LIMIT
+    large = is_large(model)
     # Polygraphy evaluates foldable subgraphs with ONNX Runtime; past 2 GB it cannot serialize the
     # model for ONNX Runtime's shape inference, so that part is left to onnx's own.
     model = fold_constants(model, allow_onnxruntime_shape_inference=not large, error_ok=True)
@@ -67,7 +75,7 @@ def _quiet_tools() -> None:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    if model.ByteSize() <= PROTOBUF_LIMIT:
+    if not is_large(model):
         return onnx.shape_inference.infer_shapes(model)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
@@ -80,7 +88,7 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """fp16 weights and compute, fp32 inputs and outputs (onnxconverter-common)."""
     from onnxconverter_common import float16
 
-    large = model.ByteSize() > PROTOBUF_LIMIT
+    large = is_large(model)
     return float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large)
 
 
@@ -88,7 +96,7 @@ def save(model: onnx.ModelProto, path: Path) -> bool:
     """Save ``model`` at ``path``; past 2 GB the weights go to one external file beside it.
     Returns whether external data was used. The saved model is checked by path."""
     path = Path(path)
-    external = model.ByteSize() > PROTOBUF_LIMIT
+    external = is_large(model)
     if external:
         onnx.save_model(
             model,

@@ -173,7 +173,7 @@ class LCM(_AlphaScheduler):
 
     @property
     def needs_noise(self) -> bool:
-        return len(self.timesteps) > 1
+        return len(self.timesteps) != 1  # a single step returns the denoised estimate itself
 
     def _build(self, n: int) -> None:
         total, original = self.config["num_train_timesteps"], self.config["original_inference_steps"]
@@ -190,7 +190,7 @@ class LCM(_AlphaScheduler):
             t_prev = self.timesteps[k + 1] if k + 1 < n else t
             a, ap = self._abar(t), self._abar(t_prev)
             # Consistency-model boundary condition (sigma_data = 0.5): c_skip(0) = 1, c_out(0) = 0.
-            st = t * self.config["timestep_scaling"]
+            st = float(t) * self.config["timestep_scaling"]
             c_skip, c_out = 0.25 / (st**2 + 0.25), st / (st**2 + 0.25) ** 0.5
             coefs.append((a**0.5, (1 - a) ** 0.5, ap**0.5, (1 - ap) ** 0.5, c_skip, c_out))
         self._coefs = coefs

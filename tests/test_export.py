@@ -1,0 +1,293 @@
+"""sdrt export: each family exports, validates against PyTorch, and writes the model directory
+DESIGN.md describes; bad input gets a one-line error; an interrupted export destroys nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SMALL_FAMILIES
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads((path / "sdrt.json").read_text())
+
+
+@pytest.mark.parametrize("family", SMALL_FAMILIES)
+def test_each_family_exports_and_validates_against_pytorch(model_dir, family):
+    m = _manifest(model_dir(family))
+    expected = {"text_encoder", "unet", "vae_decoder", "vae_encoder"} | ({"text_encoder_2"} if family == "sdxl" else set())
+    assert set(m["components"]) == expected
+    for name, rec in m["components"].items():
+        val = rec["validation"]
+        assert val["max_rel_error"] <= 1e-3, name
+        assert len(val["shapes"]) == 2 and val["shapes"][0] != val["shapes"][1], "validated at two shapes"
+
+
+@pytest.mark.parametrize("family", SMALL_FAMILIES)
+def test_graphs_load_in_onnxruntime_with_named_dynamic_axes(model_dir, family):
+    import onnx
+    import onnxruntime as ort
+
+    root = model_dir(family)
+    m = _manifest(root)
+    for name, rec in m["components"].items():
+        model = onnx.load(str(root / rec["file"]), load_external_data=False)
+        assert model.opset_import[0].version >= 17
+        sess = ort.InferenceSession(str(root / rec["file"]), providers=["CPUExecutionProvider"])
+        assert [i.name for i in sess.get_inputs()] == [t["name"] for t in rec["inputs"]]
+        assert [o.name for o in sess.get_outputs()] == [t["name"] for t in rec["outputs"]]
+        for graph_in, spec in zip(sess.get_inputs(), rec["inputs"]):
+            assert list(graph_in.shape) == spec["shape"], (name, graph_in.name)
+
+
+def test_unet_graph_runs_at_a_shape_it_was_not_traced_at(model_dir):
+    import onnxruntime as ort
+
+    root = model_dir("sd1")
+    sess = ort.InferenceSession(str(root / "unet/model.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {
+        "sample": np.zeros((3, 4, 6, 10), np.float32),
+        "timestep": np.full((3,), 10.0, np.float32),
+        "encoder_hidden_states": np.zeros((3, 77, 32), np.float32),
+    })[0]
+    assert out.shape == (3, 4, 6, 10)
+
+
+@pytest.mark.parametrize("family", SMALL_FAMILIES)
+def test_manifest_records_the_model_facts(model_dir, checkpoint, family):
+    from sdrt.runtime.manifest import FORMAT_VERSION, sha256_file
+
+    root, ckpt = model_dir(family), checkpoint(family)
+    m = _manifest(root)
+    vae_cfg = json.loads((ckpt / "vae/config.json").read_text())
+    unet_cfg = json.loads((ckpt / "unet/config.json").read_text())
+    assert m["format_version"] == FORMAT_VERSION
+    assert m["family"] == family
+    assert m["prediction_type"] == ("v_prediction" if family == "sd2" else "epsilon")
+    assert m["latent_channels"] == unet_cfg["in_channels"]
+    assert m["vae_scaling_factor"] == vae_cfg["scaling_factor"]
+    assert m["vae_scale_factor"] == 8
+    assert m["native_resolution"] == unet_cfg["sample_size"] * 8
+    assert m["tokenizers"][0]["max_length"] == 77
+    assert len(m["tokenizers"]) == (2 if family == "sdxl" else 1)
+    assert m["engines"] == {}
+    assert m["sdrt_version"]
+    for rec in m["components"].values():
+        assert rec["sha256"] == sha256_file(root / rec["file"])
+        assert rec["precision"] == "fp32"
+        assert all(isinstance(d, (int, str)) for t in rec["inputs"] + rec["outputs"] for d in t["shape"])
+    # scheduler config and model_index travel verbatim
+    assert (root / "scheduler/scheduler_config.json").read_bytes() == (ckpt / "scheduler/scheduler_config.json").read_bytes()
+    assert json.loads((root / "model_index.json").read_text()) == json.loads((ckpt / "model_index.json").read_text())
+
+
+def test_sdxl_exposes_penultimate_hidden_states_and_pooled_embedding(model_dir):
+    m = _manifest(model_dir("sdxl"))
+    assert [o["name"] for o in m["components"]["text_encoder"]["outputs"]] == ["hidden_states"]
+    assert [o["name"] for o in m["components"]["text_encoder_2"]["outputs"]] == ["hidden_states", "text_embeds"]
+    assert [i["name"] for i in m["components"]["unet"]["inputs"]][-2:] == ["text_embeds", "time_ids"]
+
+
+PROMPTS = [
+    "",
+    "a photo of an astronaut riding a horse on mars",
+    "Ünïcödé café — naïve façade, 東京タワー, emoji 🚀🌕",
+    "punctuation!!! (weights:1.2), [brackets]; semi-colons... and 'quotes' \"double\"",
+    "  leading and   multiple   spaces\tand\ttabs\nnewline  ",
+    " ".join(["a very long prompt that keeps going"] * 20),  # far past 77 tokens
+]
+
+
+@pytest.mark.parametrize("family", SMALL_FAMILIES)
+def test_tokenizer_json_encodes_like_the_transformers_tokenizer(model_dir, checkpoint, family):
+    from tokenizers import Tokenizer
+    from transformers import CLIPTokenizer
+
+    root, ckpt = model_dir(family), checkpoint(family)
+    for rec, sub in zip(_manifest(root)["tokenizers"], ("tokenizer", "tokenizer_2")):
+        ours = Tokenizer.from_file(str(root / rec["file"]))
+        theirs = CLIPTokenizer.from_pretrained(ckpt / sub)
+        assert rec["pad_token_id"] == theirs.pad_token_id and rec["eos_token_id"] == theirs.eos_token_id
+        for prompt in PROMPTS:
+            assert ours.encode(prompt).ids == theirs(prompt).input_ids, prompt
+        assert len(theirs(PROMPTS[-1]).input_ids) > 77
+
+
+# --- errors: one line, non-zero exit, no traceback -------------------------------------------
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    from sdrt.cli import main
+
+    code = main(list(map(str, args)))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_error_missing_checkpoint(capsys, tmp_path):
+    code, err = _cli(capsys, "export", tmp_path / "nope", "--out", tmp_path / "out")
+    assert code == 1 and "does not exist" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_directory_is_not_a_diffusers_checkpoint(capsys, tmp_path):
+    (tmp_path / "ck").mkdir()
+    code, err = _cli(capsys, "export", tmp_path / "ck", "--out", tmp_path / "out")
+    assert code == 1 and "model_index.json is missing" in err and len(err.splitlines()) == 1
+
+
+def test_error_names_the_missing_component_file(capsys, checkpoint, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoint("sd1"), ck)
+    (ck / "unet/config.json").unlink()
+    code, err = _cli(capsys, "export", ck, "--out", tmp_path / "out")
+    assert code == 1 and "unet/config.json is missing" in err
+
+
+@pytest.mark.parametrize("pipeline", ["StableDiffusion3Pipeline", "FluxPipeline", "SomeNewPipeline"])
+def test_error_unsupported_architecture_lists_supported_families(capsys, tmp_path, pipeline):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    code, err = _cli(capsys, "export", ck, "--out", tmp_path / "out")
+    assert code == 1 and "sd1" in err and "sdxl" in err and len(err.splitlines()) == 1
+
+
+def test_error_corrupt_or_truncated_weights(capsys, checkpoint, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoint("sd1"), ck)
+    weights = ck / "unet/diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, err = _cli(capsys, "export", ck, "--out", tmp_path / "out")
+    assert code == 1 and "corrupt or truncated" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_output_folder_cannot_be_written(capsys, checkpoint, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, err = _cli(capsys, "export", checkpoint("sd1"), "--out", blocker / "out")
+    assert code == 1 and "output folder" in err and len(err.splitlines()) == 1
+
+
+def test_error_single_file_without_config(capsys, tmp_path):
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"\0" * 64)
+    code, err = _cli(capsys, "export", single, "--out", tmp_path / "out")
+    assert code == 1 and "--config" in err and len(err.splitlines()) == 1
+
+
+class _Exploit:
+    """A pickle that would create a file if unpickled with code execution allowed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_ckpt_is_loaded_without_executing_pickled_code(capsys, checkpoint, tmp_path):
+    import torch
+
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {"x": _Exploit(marker)}}, tmp_path / "evil.ckpt")
+    code, err = _cli(capsys, "export", tmp_path / "evil.ckpt", "--config", checkpoint("sd1"), "--out", tmp_path / "out")
+    assert code == 1 and len(err.splitlines()) == 1
+    assert not marker.exists(), "pickled code ran"
+
+
+def test_existing_target_is_refused_without_overwrite(capsys, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = _cli(capsys, "export", checkpoint("sd1"), "--out", out)
+    assert code == 1 and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    from sdrt.cli import UserError, main
+    from sdrt.export.checkpoint import CheckpointError
+
+    with pytest.raises(UserError) as info:
+        main(["--verbose", "export", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert isinstance(info.value.__cause__, CheckpointError)
+
+
+# --- atomicity ---------------------------------------------------------------------------------
+
+
+def test_failed_export_keeps_the_previous_model_directory(model_dir, checkpoint, tmp_path, monkeypatch):
+    import sdrt.export.exporter as exporter
+
+    out = tmp_path / "model"
+    shutil.copytree(model_dir("sd1"), out)
+    before = (out / "sdrt.json").read_bytes()
+
+    def boom(*a, **k):
+        raise exporter.ValidationError("unet: simulated failure")
+
+    monkeypatch.setattr(exporter, "validate", boom)
+    with pytest.raises(exporter.ExportError, match="simulated"):
+        exporter.export_model(checkpoint("sd1"), out, overwrite=True, log=lambda *_: None)
+    assert (out / "sdrt.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "no temporary folder left behind"
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["no-target", "old-target"])
+def test_killed_export_leaves_no_target_and_the_old_one_intact(model_dir, checkpoint, tmp_path, previous):
+    out = tmp_path / "model"
+    if previous:
+        shutil.copytree(model_dir("sd1"), out)
+        before = (out / "sdrt.json").read_bytes()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdrt.cli", "export", str(checkpoint("sd1")), "--out", str(out), "--overwrite"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    for line in proc.stdout:
+        if line.startswith("[3/4]"):  # text encoder written, UNet done: kill in the middle
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the export finished before it could be killed"
+    if previous:
+        assert (out / "sdrt.json").read_bytes() == before
+    else:
+        assert not out.exists()
+    # the next export cleans up what the killed one left and succeeds
+    from sdrt.export.exporter import export_model
+
+    export_model(checkpoint("sd1"), out, overwrite=True, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# --- packaging ---------------------------------------------------------------------------------
+
+
+def test_real_install_puts_only_the_sdrt_namespace_in_site_packages(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(repo)],
+        check=True, cwd=tmp_path,
+    )
+    top = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".egg-info")) and p.name != "bin"}
+    assert top == {"sdrt"}, top
+    for sub in ("export", "runtime", "benchmarks", "runtime/schedulers", "runtime/backends"):
+        assert (target / "sdrt" / sub / "__init__.py").is_file(), sub
+    code = "import sdrt.runtime.manifest, sdrt.export, sdrt.benchmarks, sdrt.cli; print(sdrt.runtime.manifest.__file__)"
+    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(target)}, cwd=tmp_path,
+                         capture_output=True, text=True, check=True)
+    assert res.stdout.strip().startswith(str(target))
