@@ -21,6 +21,9 @@ diffusers = pytest.importorskip("diffusers")
 from sdrt.runtime.schedulers import SCHEDULER_NAMES, make_scheduler, scheduler_name_for_config  # noqa: E402
 from sdrt.runtime.schedulers import _SCHEDULERS  # noqa: E402
 
+# diffusers' own schedulers hand torch tensors to np.array (numpy 2 DeprecationWarning); not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning:diffusers")
+
 SD15 = {
     "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
     "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,

@@ -1,1 +1,77 @@
-"""Engine backends: named numpy arrays in, named numpy arrays out."""
+"""Engine backends: named numpy arrays in, named numpy arrays out (see base.Engine).
+
+``select`` turns a backend name into one engine per component of a model directory:
+``auto`` (TensorRT when a usable engine for this GPU is present, else ONNX Runtime CUDA when
+onnxruntime-gpu and a GPU are present, else the CPU), ``ort-cpu``, ``ort-cuda``, ``tensorrt``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import BackendUnavailable, Engine
+
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
+_ALIASES = {"cpu": "ort-cpu", "cuda": "ort-cuda", "onnxruntime": "ort-cpu", "trt": "tensorrt"}
+
+
+class LazyEngine:
+    """Opens its engine on first use: the VAE encoder costs nothing until an image-to-image call."""
+
+    def __init__(self, name: str, open_fn):
+        self.name, self._open, self._engine = name, open_fn, None
+
+    def _get(self):
+        if self._engine is None:
+            self._engine = self._open()
+        return self._engine
+
+    @property
+    def input_names(self):
+        return self._get().input_names
+
+    @property
+    def output_names(self):
+        return self._get().output_names
+
+    def __call__(self, **inputs):
+        return self._get()(**inputs)
+
+    def close(self):
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
+def resolve_backend(name: str) -> str:
+    name = _ALIASES.get(name, name)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "tensorrt":
+        raise BackendUnavailable(
+            "the TensorRT backend needs TensorRT engines built with `sdrt build` and the tensorrt, cuda-python "
+            "packages (pip install 'sdrt[tensorrt]'); use --backend ort-cpu or ort-cuda meanwhile"
+        )
+    if name == "auto":
+        from .onnxruntime import cuda_available
+
+        return "ort-cuda" if cuda_available() else "ort-cpu"
+    return name
+
+
+def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = None) -> tuple[str, dict]:
+    """(resolved backend name, {component: Engine}) for every component in the manifest."""
+    from .onnxruntime import OrtEngine
+
+    kind = resolve_backend(backend)
+    provider = "cuda" if kind == "ort-cuda" else "cpu"
+    engines = {}
+    for name, rec in manifest["components"].items():
+        def open_engine(name=name, rec=rec):
+            return OrtEngine(name, model_dir, rec, provider=provider, threads=threads)
+
+        engines[name] = LazyEngine(name, open_engine) if name == "vae_encoder" else open_engine()
+    return kind, engines
+
+
+__all__ = ["BACKENDS", "BackendUnavailable", "Engine", "LazyEngine", "resolve_backend", "select"]

@@ -75,13 +75,15 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (np.float32(1) - alphas).astype(np.float32)
 
 
-def alphas_cumprod_from_config(cfg: dict, schedules=None, *, terminal_clamp: bool = False) -> np.ndarray:
+def alphas_cumprod_from_config(
+    cfg: dict, schedules=("linear", "scaled_linear", "squaredcos_cap_v2"), *, terminal_clamp: bool = False
+) -> np.ndarray:
     """alpha_bar_t for t = 0..T-1 (float32).
 
     ``terminal_clamp``: the sigma-parameterised schedulers cannot represent alpha_bar = 0 (sigma = inf),
     so after zero-SNR rescaling diffusers pins the last value to 2**-24.
     """
-    betas = betas_from_config(cfg, *([schedules] if schedules else []))
+    betas = betas_from_config(cfg, schedules)
     if cfg.get("rescale_betas_zero_snr"):
         betas = rescale_zero_terminal_snr(betas)
     ac = cumprod_f32(np.float32(1) - betas)

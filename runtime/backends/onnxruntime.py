@@ -1,0 +1,164 @@
+"""ONNX Runtime engines: CPU (default) and CUDA (onnxruntime-gpu), behind the Engine interface."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .base import BackendUnavailable
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: intra-op threads beyond them only contend (hyper-threads
+    share the FMA units that convolutions and matmuls saturate)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        cores, phys, core = set(), None, None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key == "physical id":
+                phys = val.strip()
+            elif key == "core id":
+                core = val.strip()
+            elif not line.strip() and core is not None:
+                cores.add((phys, core))
+                phys = core = None
+        if core is not None:
+            cores.add((phys, core))
+        n = len(cores) or allowed
+    except OSError:
+        n = allowed
+    return max(1, min(n, allowed))
+
+
+def cuda_available() -> bool:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
+
+
+def _writable_cache_root(model_dir: Path) -> Path | None:
+    """Optimized graphs are cached beside the model; a read-only model directory (package data,
+    a shared volume) caches under the user's cache folder instead."""
+    here = model_dir / "cache"
+    for root in (here, Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdrt"):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if os.access(root, os.W_OK):
+                return root
+        except OSError:
+            continue
+    return None
+
+
+class OrtEngine:
+    """One ONNX graph in an InferenceSession.
+
+    CPU: intra-op threads = physical cores, thread spinning off (spinning workers steal the core
+    the numpy scheduler runs on between calls: onnxruntime issue 13808), all graph optimizations,
+    and the optimized graph cached (keyed by the graph's sha256, ONNX Runtime version and provider)
+    so later loads skip the optimization passes.
+    CUDA: IO binding; an input passed as the same array object as in the previous call (the text
+    embeddings, every step) is not copied to the device again.
+    """
+
+    def __init__(self, name: str, model_dir: Path, record: dict, provider: str = "cpu", threads: int | None = None,
+                 cache: bool = True):
+        import onnxruntime as ort
+
+        self.name = name
+        self.provider = provider
+        path = Path(model_dir) / record["file"]
+        if not path.is_file():
+            from ..manifest import ModelDirError
+
+            raise ModelDirError(f"{path} is missing; re-export the model with `sdrt export --overwrite`")
+        if provider == "cuda" and not cuda_available():
+            raise BackendUnavailable(
+                "ONNX Runtime's CUDA provider is not available here: install onnxruntime-gpu (pip install 'sdrt[gpu]') on a machine with an NVIDIA GPU"
+            )
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        opts.intra_op_num_threads = threads or physical_cores()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        providers = (
+            [("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
+            if provider == "cuda"
+            else ["CPUExecutionProvider"]
+        )
+        self.session = self._open(ort, opts, providers, model_dir, path, record) if cache else None
+        if self.session is None:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._on_device: dict[str, tuple[np.ndarray, object]] = {}
+
+    def _open(self, ort, opts, providers, model_dir: Path, path: Path, record: dict):
+        """Open from the optimized-graph cache, filling it first if needed; None if no cache can be used."""
+        root = _writable_cache_root(Path(model_dir))
+        if root is None:
+            return None
+        key = hashlib.sha256(
+            f"{record.get('sha256')}|{record.get('external_data_sha256')}|{ort.__version__}|{self.provider}".encode()
+        ).hexdigest()[:16]
+        entry = root / f"{self.name}-{self.provider}-{key}"
+        cached = entry / "model.onnx"
+        if cached.is_file():
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                return ort.InferenceSession(str(cached), opts, providers=providers)
+            except Exception:
+                shutil.rmtree(entry, ignore_errors=True)  # stale or damaged: rebuild below
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
+        opts.optimized_model_filepath = str(tmp / "model.onnx")
+        if record.get("external_data"):
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx_data")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            session = ort.InferenceSession(str(path), opts, providers=providers)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process filled the cache first
+        opts.optimized_model_filepath = ""
+        return session
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        if self.provider == "cuda":
+            return self._run_bound(inputs)
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
+
+    def _run_bound(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, host in inputs.items():
+            held = self._on_device.get(name)
+            if held is None or held[0] is not host:
+                held = (host, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(host), "cuda", 0))
+                self._on_device[name] = held
+            binding.bind_ortvalue_input(name, held[1])
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        return {name: value.numpy() for name, value in zip(self.output_names, binding.get_outputs())}
+
+    def close(self) -> None:
+        self._on_device.clear()
+        self.session = None
