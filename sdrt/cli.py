@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -12,6 +13,7 @@ class UserError(Exception):
 
 
 def _cmd_export(args) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time advice about torchvision
     from sdrt.export.checkpoint import CheckpointError
     from sdrt.export.exporter import ExportError, export_model
 
@@ -49,6 +51,76 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    import warnings
+
+    from sdrt.runtime.backends import BackendUnavailable
+    from sdrt.runtime.images import output_paths, save_png
+    from sdrt.runtime.manifest import ModelDirError
+    from sdrt.runtime.pipeline import GenerationError, NonFiniteError, Pipeline
+
+    model = args.model or _default_model()
+    out_dir = Path(args.out).absolute().parent
+    if not out_dir.is_dir():
+        raise UserError(f"the output folder {out_dir} does not exist; create it or choose another --out")
+    if args.init_image and not Path(args.init_image).is_file():
+        raise UserError(f"the init image {args.init_image} does not exist")
+    try:
+        pipe = Pipeline.load(model, backend=args.backend)
+    except (ModelDirError, BackendUnavailable, ValueError) as e:
+        raise UserError(str(e)) from e
+    from tqdm import tqdm
+
+    bars = []
+
+    def progress(step, total):
+        if not bars:
+            bars.append(tqdm(total=total, desc="denoising", unit="step", disable=args.quiet, leave=False))
+        bars[0].update(1)
+
+    # Record the seed actually used, so the PNG's parameters reproduce the image.
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+        try:
+            result = pipe(
+                args.prompt,
+                negative_prompt=args.negative_prompt,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                height=args.height,
+                width=args.width,
+                num_images_per_prompt=args.num_images,
+                seed=seed,
+                scheduler=args.scheduler,
+                image=args.init_image,
+                strength=args.strength,
+                callback=progress,
+            )
+        except (GenerationError, NonFiniteError) as e:
+            raise UserError(str(e)) from e
+        finally:
+            for bar in bars:
+                bar.close()
+    params = dict(result.parameters)
+    for i, (image, path) in enumerate(zip(result.images, output_paths(args.out, len(result.images)))):
+        save_png(image, path, {**params, "image_index": i})
+        print(f"wrote {path}")
+    print(f"{pipe.backend}: {result.timings.summary()}")
+    return 0
+
+
+def _default_model() -> str:
+    from sdrt.runtime.default_model import default_model_dir
+
+    path = default_model_dir()
+    if path is None:
+        raise UserError("no --model given and no built-in default model is installed; pass --model DIR (see `sdrt export`)")
+    return str(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sdrt import __version__
 
@@ -66,6 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer; default 17)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("generate", help="generate images from a prompt with a model directory")
+    p.add_argument("prompt")
+    p.add_argument("--model", help="sdrt model directory (default: the built-in default model)")
+    p.add_argument("--out", default="out.png", help="PNG path; several images get -0, -1, ... suffixes (default out.png)")
+    p.add_argument("--negative-prompt", help="what the image should not show")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5; 5.0 for SDXL)")
+    p.add_argument("--scheduler", help="ddim, pndm, euler, euler-a, lms, heun, dpm++2m, dpm++2m-karras, dpm++2m-sde, "
+                   "unipc, lcm (default: the checkpoint's own)")
+    p.add_argument("--seed", type=int, help="random seed (default: a fresh one)")
+    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--init-image", help="image-to-image: the starting image")
+    p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change it, in (0, 1]")
+    p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda or tensorrt (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("info", help="describe a model directory: components, shapes, precisions, engines")
     p.add_argument("model_dir")
