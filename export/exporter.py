@@ -7,7 +7,6 @@ one is complete.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -15,8 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable
-
-import onnx
 
 from sdrt import __version__
 from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
@@ -121,6 +118,12 @@ def export_model(
     return manifest
 
 
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def _remove_stale_work_dirs(out: Path) -> None:
     """Temporary folders left by exports that were killed (their process is gone)."""
     for d in out.parent.glob(f".{out.name}.export-*"):
@@ -175,18 +178,9 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
         log(f"[{n}/{len(comps)}] {comp.name}: exporting{' (fp16)' if half else ''}")
         dest = work / comp.name
         dest.mkdir()
-        with tempfile.TemporaryDirectory(dir=work, prefix=".trace-") as scratch:
-            raw = Path(scratch) / "model.onnx"
-            onnx_graph.trace(comp, raw, opset)
-            t_trace = time.perf_counter() - t
-            model = onnx.load(str(raw))  # pulls in any external data the tracer wrote
-        model = onnx_graph.optimize(model)
-        if half:
-            model = onnx_graph.to_fp16(model)
-        external = onnx_graph.save(model, dest / "model.onnx")
-        del model
-        gc.collect()
-        t_opt = time.perf_counter() - t - t_trace
+        external = onnx_graph.export_graph(comp, dest / "model.onnx", opset, fp16=half)
+        onnx_graph.release_memory()
+        t_export = time.perf_counter() - t
         try:
             val = validate(comp, dest / "model.onnx")
         except ValidationError as e:
@@ -215,8 +209,8 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
         }
         err = f"max abs {val['max_abs_error']:.2e}, rel {val['max_rel_error']:.2e}" if "max_abs_error" in val else val["skipped"]
         log(
-            f"[{n}/{len(comps)}] {comp.name}: {size / 2**20:.1f} MiB, trace {t_trace:.1f}s, "
-            f"optimize+save {t_opt:.1f}s, validate {time.perf_counter() - t - t_trace - t_opt:.1f}s ({err})"
+            f"[{n}/{len(comps)}] {comp.name}: {size / 2**20:.1f} MiB, export {t_export:.1f}s, "
+            f"validate {time.perf_counter() - t - t_export:.1f}s ({err}), peak RSS so far {_peak_rss_gib():.1f} GiB"
         )
     manifest = {
         "format_version": FORMAT_VERSION,
