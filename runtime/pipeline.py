@@ -91,23 +91,36 @@ class Pipeline:
     ``Pipeline.load(path, backend="auto")``; then ``pipe(prompt, ...)`` as diffusers' pipelines.
     """
 
-    def __init__(self, model_dir: Path, manifest: dict, backend: str, engines: dict, tokenizers: list):
+    def __init__(self, model_dir: Path, manifest: dict, backend: str, engines: dict, tokenizers: list,
+                 low_memory: bool = False):
         self.model_dir, self.manifest, self.backend = model_dir, manifest, backend
+        self.low_memory = low_memory
         self._engines = engines
         self.tokenizers = tokenizers
         self.family = manifest["family"]
         self.scheduler_config = _read_scheduler_config(model_dir)
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", *, threads: int | None = None) -> "Pipeline":
+    def load(cls, path: str | Path, backend: str = "auto", *, threads: int | None = None,
+             low_memory: bool = False, cuda_graph: bool = False) -> "Pipeline":
+        """``low_memory``: each component is loaded when needed and released after its stage, so
+        peak memory is the largest component's rather than the sum (slower: every call reloads).
+        ``cuda_graph`` (TensorRT backend): capture the UNet call once and replay it every step."""
         model_dir = Path(path)
         manifest = load_manifest(model_dir)
-        kind, engines = select(backend, model_dir, manifest, threads=threads)
+        kind, engines = select(backend, model_dir, manifest, threads=threads, low_memory=low_memory,
+                               cuda_graph=cuda_graph)
         tokenizers = [ClipTokenizer.from_manifest(model_dir, rec) for rec in manifest["tokenizers"]]
-        return cls(model_dir, manifest, kind, engines, tokenizers)
+        return cls(model_dir, manifest, kind, engines, tokenizers, low_memory=low_memory)
 
     def engine(self, name: str):
         return self._engines[name]
+
+    def _done_with(self, *names: str) -> None:
+        if self.low_memory:
+            for name in names:
+                if name in self._engines:
+                    self._engines[name].close()
 
     # -- text ------------------------------------------------------------------------------
 
@@ -211,6 +224,7 @@ class Pipeline:
                 neg_pooled = None if neg_pooled is None else np.repeat(neg_pooled, num_images_per_prompt, axis=0)
             hidden = np.concatenate([neg_hidden, hidden])
             pooled = None if pooled is None else np.concatenate([neg_pooled, pooled])
+        self._done_with("text_encoder", "text_encoder_2")
         unet_batch = hidden.shape[0]
         extra = {}
         if xl:
@@ -227,6 +241,7 @@ class Pipeline:
         else:
             t0 = time.perf_counter()
             init_latents = self._encode_image(init, rng, len(prompts), num_images_per_prompt)
+            self._done_with("vae_encoder")
             timings.vae_encoder = time.perf_counter() - t0
             init_steps = min(int(num_inference_steps * strength), num_inference_steps)
             start = max(num_inference_steps - init_steps, 0) * sched.order
@@ -257,15 +272,26 @@ class Pipeline:
             if cfg:
                 uncond, cond = eps[: len(latents)], eps[len(latents):]
                 eps = uncond + np.float32(guidance_scale) * (cond - uncond)
-            noise = rng.standard_normal(latents.shape, dtype=np.float32) if sched.needs_noise else None
+            noise = rng.standard_normal(latents.shape, dtype=np.float32) if sched.needs_noise_at(i) else None
             latents = sched.step(eps, i, latents, noise=noise).astype(np.float32, copy=False)
+            if not np.isfinite(latents).all():
+                cfg_ = sched.config
+                zero_snr_eps = cfg_.get("rescale_betas_zero_snr") and cfg_.get("prediction_type") == "epsilon"
+                raise NonFiniteError(
+                    f"the {sched.name} scheduler step produced NaN or Inf at step {k + 1}/{n_steps} (timestep {t:g}); "
+                    "no image was written. "
+                    + ("rescale_betas_zero_snr with prediction_type epsilon divides by zero at the last training "
+                       "timestep: use it with a v-prediction model" if zero_snr_eps else "check the scheduler settings")
+                )
             timings.unet.append(t2 - t1)
             timings.scheduler += (t1 - t0) + (time.perf_counter() - t2)
             if callback is not None:
                 callback(k + 1, n_steps)
 
+        self._done_with("unet")
         t0 = time.perf_counter()
         images = self._decode(latents)
+        self._done_with("vae_decoder")
         timings.vae_decoder = time.perf_counter() - t0
         timings.total = time.perf_counter() - t_start
         params = {

@@ -272,3 +272,12 @@ def test_tensorrt_backend_without_tensorrt_is_one_line_naming_the_install(model_
                  "--out", str(tmp_path / "o.png")])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "sdrt[tensorrt]" in err and len(err.splitlines()) == 1
+
+
+def test_low_memory_mode_gives_the_same_image_and_releases_every_engine(model_dir, sd1):
+    lean = Pipeline.load(model_dir("sd1"), low_memory=True)
+    assert all(e._engine is None for e in lean._engines.values()), "nothing is loaded before it is needed"
+    img = _gen(lean, image=np.full((1, 64, 64, 3), 0.3, np.float32), strength=0.7).images
+    assert all(e._engine is None for e in lean._engines.values()), "every engine is released after its stage"
+    ref = _gen(sd1, image=np.full((1, 64, 64, 3), 0.3, np.float32), strength=0.7).images
+    np.testing.assert_allclose(img, ref, atol=1e-5)

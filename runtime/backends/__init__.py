@@ -43,34 +43,55 @@ class LazyEngine:
             self._engine = None
 
 
-def resolve_backend(name: str) -> str:
+def resolve_backend(name: str, model_dir: Path | None = None, manifest: dict | None = None) -> str:
     name = _ALIASES.get(name, name)
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "tensorrt":
-        raise BackendUnavailable(
-            "the TensorRT backend needs TensorRT engines built with `sdrt build` and the tensorrt, cuda-python "
-            "packages (pip install 'sdrt[tensorrt]'); use --backend ort-cpu or ort-cuda meanwhile"
-        )
+        from .tensorrt import tensorrt_records
+
+        tensorrt_records(model_dir, manifest, strict=True)  # BackendUnavailable says what is missing
+        return name
     if name == "auto":
+        from .tensorrt import tensorrt_records
+
+        if tensorrt_records(model_dir, manifest, strict=False) is not None:
+            return "tensorrt"
         from .onnxruntime import cuda_available
 
         return "ort-cuda" if cuda_available() else "ort-cpu"
     return name
 
 
-def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = None) -> tuple[str, dict]:
-    """(resolved backend name, {component: Engine}) for every component in the manifest."""
-    from .onnxruntime import OrtEngine
+def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = None,
+           low_memory: bool = False, cuda_graph: bool = False) -> tuple[str, dict]:
+    """(resolved backend name, {component: Engine}) for every component in the manifest.
+    ``low_memory`` opens every engine lazily (the pipeline closes each after its stage).
+    ``cuda_graph`` (TensorRT): capture the UNet call once and replay it each step."""
+    from .onnxruntime import OrtEngine, cuda_available
 
-    kind = resolve_backend(backend)
+    kind = resolve_backend(backend, model_dir, manifest)
+    if kind == "tensorrt":
+        from .tensorrt import open_engines, tensorrt_records
+
+        strict = _ALIASES.get(backend, backend) == "tensorrt"
+        ort = "cuda" if not strict and cuda_available() else "cpu"
+
+        def fallback(name):  # auto: a component without a usable engine runs on ONNX Runtime
+            return OrtEngine(name, model_dir, manifest["components"][name], provider=ort, threads=threads,
+                             low_memory=low_memory)
+
+        records = tensorrt_records(model_dir, manifest, strict=True)
+        return kind, open_engines(model_dir, manifest, records, cuda_graph=cuda_graph, low_memory=low_memory,
+                                  fallback=None if strict else fallback)
     provider = "cuda" if kind == "ort-cuda" else "cpu"
     engines = {}
     for name, rec in manifest["components"].items():
         def open_engine(name=name, rec=rec):
-            return OrtEngine(name, model_dir, rec, provider=provider, threads=threads)
+            return OrtEngine(name, model_dir, rec, provider=provider, threads=threads, low_memory=low_memory)
 
-        engines[name] = LazyEngine(name, open_engine) if name == "vae_encoder" else open_engine()
+        lazy = low_memory or name == "vae_encoder"
+        engines[name] = LazyEngine(name, open_engine) if lazy else open_engine()
     return kind, engines
 
 
