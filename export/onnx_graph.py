@@ -3,6 +3,7 @@ data past protobuf's 2 GB limit) and check it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -50,41 +51,49 @@ def export_graph(comp: Component, dest: Path, opset: int = OPSET, fp16: bool = F
     """Trace ``comp``, clean and optimize the graph, optionally convert it to fp16, save it at
     ``dest`` and check it. Returns whether the weights went to external data.
 
-    Memory matters at real sizes (an SD 1.5 UNet is 3.4 GB of fp32 weights): each stage drops the
-    previous stage's copy before the next one is made.
+    Memory matters at real sizes (an SD 1.5 UNet is 3.4 GB of fp32 weights): the graph is
+    optimized while the weights the tracer wrote stay on disk, and they are read into memory
+    once, to be saved.
     """
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".trace-") as scratch:
         raw = Path(scratch) / "model.onnx"
         trace(comp, raw, opset)
         model = _optimized(raw)
+        onnx.load_external_data_for_model(model, scratch)  # no-op when the tracer embedded them
     if fp16:
         model = to_fp16(model)
     return save(model, dest)
 
 
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def _optimized(raw: Path) -> onnx.ModelProto:
-    """onnx-graphsurgeon cleanup + toposort, polygraphy constant folding, shape inference."""
+    """onnx-graphsurgeon cleanup + toposort, polygraphy constant folding, shape inference, on the
+    graph with its large weights left in the tracer's external files."""
     import onnx_graphsurgeon as gs
     from polygraphy.backend.onnx import fold_constants
 
     _quiet_tools()
-    graph = gs.import_onnx(onnx.load(str(raw)))  # pulls in any external data the tracer wrote
-    graph.cleanup().toposort()
-    model = gs.export_onnx(graph)
-    del graph  # the traced model's tensors go with it
-    large = is_large(model)
-    # Polygraphy evaluates foldable subgraphs with ONNX Runtime. Past 2 GB its shape-inference
-    # passes would each export, save and reload the whole model (~5x its size in memory for an
-    # SD 1.5 UNet); there shapes are inferred once, by path, in save().
-    model = fold_constants(model, do_shape_inference=not large, error_ok=True)
-    release_memory()
-    graph = gs.import_onnx(model)
-    del model
+    graph = gs.import_onnx(onnx.load(str(raw), load_external_data=False))
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     del graph
-    release_memory()
-    return model if large else onnx.shape_inference.infer_shapes(model)
+    # Polygraphy hands the model to ONNX Runtime as bytes, and ONNX Runtime then resolves external
+    # weights against the working directory: run there, so subgraphs that fold weights still fold.
+    with _working_directory(raw.parent):
+        model = fold_constants(model, error_ok=True)
+        graph = gs.import_onnx(model)
+        graph.cleanup().toposort()
+        model = onnx.shape_inference.infer_shapes(gs.export_onnx(graph))
+    return model
 
 
 def release_memory() -> None:
@@ -141,8 +150,6 @@ def save(model: onnx.ModelProto, path: Path) -> bool:
         )
         del model
         release_memory()
-        # Shape inference by path: the weights stay on disk instead of being loaded again.
-        onnx.shape_inference.infer_shapes_path(str(path), str(path))
         _chmod_like_umask(path.parent / EXTERNAL_DATA_NAME)  # onnx writes it private
     else:
         onnx.save_model(model, str(path))
