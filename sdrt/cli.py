@@ -55,6 +55,7 @@ def _cmd_generate(args) -> int:
     import warnings
 
     from sdrt.runtime.backends import BackendUnavailable
+    from sdrt.runtime.engines import ShapeOutsideProfile
     from sdrt.runtime.images import output_paths, save_png
     from sdrt.runtime.manifest import ModelDirError
     from sdrt.runtime.pipeline import GenerationError, NonFiniteError, Pipeline
@@ -66,7 +67,7 @@ def _cmd_generate(args) -> int:
     if args.init_image and not Path(args.init_image).is_file():
         raise UserError(f"the init image {args.init_image} does not exist")
     try:
-        pipe = Pipeline.load(model, backend=args.backend)
+        pipe = Pipeline.load(model, backend=args.backend, cuda_graph=args.cuda_graph)
     except (ModelDirError, BackendUnavailable, ValueError) as e:
         raise UserError(str(e)) from e
     from tqdm import tqdm
@@ -99,7 +100,7 @@ def _cmd_generate(args) -> int:
                 strength=args.strength,
                 callback=progress,
             )
-        except (GenerationError, NonFiniteError) as e:
+        except (GenerationError, NonFiniteError, ShapeOutsideProfile) as e:
             raise UserError(str(e)) from e
         finally:
             for bar in bars:
@@ -110,6 +111,49 @@ def _cmd_generate(args) -> int:
         print(f"wrote {path}")
     print(f"{pipe.backend}: {result.timings.summary()}")
     return 0
+
+
+def _cmd_build(args) -> int:
+    from sdrt.export.build import BuildError, build_engines, summary_table
+    from sdrt.runtime.backends import BackendUnavailable
+    from sdrt.runtime.manifest import ModelDirError
+
+    components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
+    try:
+        rows = build_engines(
+            args.model_dir,
+            components=components,
+            height=args.height,
+            width=args.width,
+            min_height=args.min_height,
+            max_height=args.max_height,
+            min_width=args.min_width,
+            max_width=args.max_width,
+            batch=args.batch,
+            max_batch=args.max_batch,
+            static=args.static,
+            fp16_vae=args.fp16_vae,
+            timing_cache=args.timing_cache,
+            optimization_level=args.optimization_level,
+            workspace_gib=args.workspace,
+            force=args.force,
+        )
+    except (BuildError, BackendUnavailable, ModelDirError, ValueError) as e:
+        raise UserError(str(e)) from e
+    print()
+    print(summary_table(rows))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from sdrt.benchmarks.bench import BenchError, exit_code, run
+
+    try:
+        report = run(args)
+    except BenchError as e:
+        raise UserError(str(e)) from e
+    print("\n".join(report["summary"]))
+    return exit_code(report)
 
 
 def _default_model() -> str:
@@ -155,8 +199,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-image", help="image-to-image: the starting image")
     p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change it, in (0, 1]")
     p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda or tensorrt (default auto)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="TensorRT: capture the UNet call once as a CUDA graph and replay it every step")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("build", help="build TensorRT engines for this GPU from a model directory's ONNX")
+    p.add_argument("model_dir")
+    p.add_argument("--components", help="comma-separated: text_encoder, text_encoder_2, unet, vae_decoder, "
+                   "vae_encoder (default: all)")
+    p.add_argument("--height", type=int, help="optimal image height (default: the model's native size)")
+    p.add_argument("--width", type=int, help="optimal image width (default: the model's native size)")
+    p.add_argument("--min-height", type=int, help="smallest image height (default: half the optimal)")
+    p.add_argument("--max-height", type=int, help="largest image height (default: 1.5 x the optimal)")
+    p.add_argument("--min-width", type=int, help="smallest image width (default: half the optimal)")
+    p.add_argument("--max-width", type=int, help="largest image width (default: 1.5 x the optimal)")
+    p.add_argument("--batch", type=int, help="optimal images per call (default 1; the UNet gets twice that for guidance)")
+    p.add_argument("--max-batch", type=int, help="most images per call (default: --batch)")
+    p.add_argument("--static", action="store_true", help="one shape only: --height x --width, --batch images")
+    p.add_argument("--fp16-vae", action="store_true", help="the VAE in fp16 too (default fp32/TF32: fp16 may overflow)")
+    p.add_argument("--timing-cache", help="TensorRT timing cache file: loaded if present, saved after each build")
+    p.add_argument("--optimization-level", type=int, help="TensorRT builder optimization level 0..5 (default 3)")
+    p.add_argument("--workspace", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
+    p.add_argument("--force", action="store_true", help="rebuild engines that are up to date")
+    p.set_defaults(func=_cmd_build)
+
+    from sdrt.benchmarks.bench import add_arguments as add_bench_arguments
+
+    p = sub.add_parser("bench", help="benchmark sdrt against diffusers: latency, memory, image check, side by side")
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("info", help="describe a model directory: components, shapes, precisions, engines")
     p.add_argument("model_dir")

@@ -31,9 +31,10 @@ INSTALL = "pip install 'sdrt[tensorrt]'"
 
 def _missing_message(what: str, missing: list[str]) -> str:
     pkgs = " and ".join(missing)
+    meanwhile = "; use --backend ort-cpu or ort-cuda meanwhile" if "backend" in what else ""
     return (
         f"{what} needs {pkgs}, which {'is' if len(missing) == 1 else 'are'} not installed: {INSTALL} "
-        "(TensorRT needs an NVIDIA GPU); use --backend ort-cpu or ort-cuda meanwhile"
+        f"(TensorRT needs an NVIDIA GPU){meanwhile}"
     )
 
 
@@ -82,10 +83,8 @@ def device_facts(what: str = "the TensorRT backend") -> DeviceFacts:
     trt, cudart = import_tensorrt(what)
     count = cudart.cudaGetDeviceCount()
     if count[0] != cudart.cudaError_t.cudaSuccess or count[1] < 1:
-        raise BackendUnavailable(
-            f"{what} needs an NVIDIA GPU, and none is visible here; use --backend ort-cpu meanwhile "
-            f"(TensorRT itself comes with {INSTALL})"
-        )
+        meanwhile = "; use --backend ort-cpu meanwhile" if "backend" in what else ""
+        raise BackendUnavailable(f"{what} needs an NVIDIA GPU, and none is visible here{meanwhile}")
     dev = _check(cudart, cudart.cudaGetDevice(), "cudaGetDevice")
     prop = _check(cudart, cudart.cudaGetDeviceProperties(dev), "cudaGetDeviceProperties")
     name = prop.name
@@ -228,7 +227,8 @@ class TrtEngine:
         self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if self.context is None:
             raise RuntimeError(f"TensorRT could not create an execution context for {path}")
-        session.attach(self.context, engine.device_memory_size_v2)
+        need = getattr(engine, "device_memory_size_v2", None)  # TensorRT >= 10.1; 11 has only this one
+        session.attach(self.context, need if need is not None else engine.device_memory_size)
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity in bytes)
         self._shapes: dict[str, tuple] = {}
         self._held: dict[str, tuple] = {}  # input name -> (host array object given, contiguous copy uploaded)

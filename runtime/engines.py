@@ -1,0 +1,397 @@
+"""TensorRT engine bookkeeping shared by ``sdrt build`` and the runtime (numpy + stdlib only).
+
+- the GPU key that names an engine folder (``engines/<gpu-key>/<component>.plan``),
+- the user's size ranges, validated, and the optimization profiles computed from them and the
+  manifest's named dimensions,
+- the engine records in ``sdrt.json``: reuse-or-rebuild decisions for the builder, and the checks
+  (and refusal messages) for the runtime.
+
+Nothing here imports TensorRT: the facts about this machine come in as a :class:`DeviceFacts`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+ENGINES_DIR = "engines"
+PLAN_SUFFIX = ".plan"
+# Components whose batch is the UNet's: doubled under classifier-free guidance.
+GUIDED = ("unet",)
+# Components the pipeline needs for every call; the VAE encoder only for image to image.
+REQUIRED_AT_LOAD = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+
+
+class RangeError(ValueError):
+    """Size ranges for ``sdrt build`` that cannot make a profile; the message says which and why."""
+
+
+class EngineMismatch(RuntimeError):
+    """An engine recorded in the manifest that cannot run here; the message says why and how to rebuild."""
+
+
+class ShapeOutsideProfile(ValueError):
+    """A call whose shapes the engine's optimization profile does not cover."""
+
+
+# -- this machine ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What an engine is tied to: the GPU model, its compute capability, the TensorRT version."""
+
+    gpu_name: str
+    compute_capability: str  # "9.0"
+    tensorrt_version: str  # trt.__version__, e.g. "10.8.0.43"
+
+    @property
+    def key(self) -> str:
+        return gpu_key(self)
+
+    def describe(self) -> str:
+        return f"{self.gpu_name} (sm {self.compute_capability}, TensorRT {self.tensorrt_version})"
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9.]+", "-", str(text).lower())
+    s = re.sub(r"\.{2,}", ".", s)  # never '..' in a path component
+    return s.strip("-.") or "unknown"
+
+
+def short_version(version: str) -> str:
+    """'10.8.0.43' -> '10.8.0' (major.minor.patch; the build number stays in the record)."""
+    parts = re.findall(r"\d+", str(version))
+    return ".".join(parts[:3]) if parts else _slug(version)
+
+
+def gpu_key(facts: DeviceFacts) -> str:
+    """``nvidia-h100-80gb-hbm3_sm90_trt10.8.0``: a safe folder name for one GPU model + TensorRT."""
+    cc = re.sub(r"[^0-9]", "", str(facts.compute_capability)) or "unknown"
+    return f"{_slug(facts.gpu_name)}_sm{cc}_trt{_slug(short_version(facts.tensorrt_version))}"
+
+
+# -- ranges and profiles ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """(min, opt, max) per user-level size: image pixels for height/width, images per call for batch."""
+
+    height: tuple[int, int, int]
+    width: tuple[int, int, int]
+    batch: tuple[int, int, int]
+    static: bool = False
+
+    def as_dict(self) -> dict:
+        return {"height": list(self.height), "width": list(self.width), "batch": list(self.batch), "static": self.static}
+
+
+def _round_down(v: int, m: int) -> int:
+    return max(m, v // m * m)
+
+
+def _round_up(v: int, m: int) -> int:
+    return max(m, -(-v // m) * m)
+
+
+def resolve_ranges(
+    manifest: dict,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    min_height: int | None = None,
+    max_height: int | None = None,
+    min_width: int | None = None,
+    max_width: int | None = None,
+    batch: int | None = None,
+    max_batch: int | None = None,
+    static: bool = False,
+) -> Ranges:
+    """The user's ranges, filled with defaults and validated (before anything is built).
+
+    Defaults: opt = the model's native resolution, min = opt/2, max = 1.5 x opt (multiples of 8);
+    batch 1, max batch = batch. ``static`` makes min = opt = max for every size. Raises
+    :class:`RangeError` with a message naming the flag at fault.
+    """
+    native = int(manifest.get("native_resolution", 512))
+    mult = 8
+    sizes = {}
+    for dim, opt, lo, hi in (("height", height, min_height, max_height), ("width", width, min_width, max_width)):
+        flag = f"--{dim}"
+        for name, v in ((flag, opt), (f"--min-{dim}", lo), (f"--max-{dim}", hi)):
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise RangeError(f"{name} must be a positive integer, got {v!r}")
+            if v % mult:
+                lower = _round_down(v, mult)
+                raise RangeError(f"{name} {v} is not a multiple of {mult}; use {lower} or {lower + mult}")
+        if static:
+            if lo is not None or hi is not None:
+                raise RangeError(f"--static builds one shape: give {flag} only, not --min-{dim}/--max-{dim}")
+            o = native if opt is None else opt
+            sizes[dim] = (o, o, o)
+            continue
+        o = native if opt is None else opt
+        if opt is None:  # the native size as default opt, kept inside an explicit range
+            if lo is not None:
+                o = max(o, lo)
+            if hi is not None:
+                o = min(o, hi)
+        mn = lo if lo is not None else min(o, _round_down(o // 2, mult))
+        mx = hi if hi is not None else max(o, _round_up(o * 3 // 2, mult))
+        if mn > o:
+            raise RangeError(f"--min-{dim} {mn} is larger than {flag} {o}; min <= opt <= max is required")
+        if o > mx:
+            raise RangeError(f"{flag} {o} is larger than --max-{dim} {mx}; min <= opt <= max is required")
+        sizes[dim] = (mn, o, mx)
+    for name, v in (("--batch", batch), ("--max-batch", max_batch)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise RangeError(f"{name} must be a positive integer, got {v!r}")
+    b = 1 if batch is None else batch
+    if static:
+        if max_batch is not None and max_batch != b:
+            raise RangeError(f"--static builds one shape: --max-batch {max_batch} differs from --batch {b}")
+        batches = (b, b, b)
+    else:
+        mb = b if max_batch is None else max_batch
+        if b > mb:
+            raise RangeError(f"--batch {b} is larger than --max-batch {mb}; min <= opt <= max is required")
+        batches = (1, b, mb)
+    return Ranges(sizes["height"], sizes["width"], batches, static)
+
+
+def dim_ranges(manifest: dict, component: str, ranges: Ranges) -> dict[str, tuple[int, int, int]]:
+    """Named dimension -> (min, opt, max) for one component.
+
+    Latent dims are the image dims divided by the VAE scale factor. The UNet's batch is doubled for
+    classifier-free guidance (opt and max; min stays at the single batch so guidance-free calls,
+    guidance_scale <= 1, still fit, except with --static, which builds exactly 2 x batch)."""
+    f = int(manifest.get("vae_scale_factor", 8))
+    b = ranges.batch
+    if component in GUIDED:
+        b = (2 * b[0], 2 * b[1], 2 * b[2]) if ranges.static else (b[0], 2 * b[1], 2 * b[2])
+    return {
+        "batch": b,
+        "height": ranges.height,
+        "width": ranges.width,
+        "latent_height": tuple(v // f for v in ranges.height),
+        "latent_width": tuple(v // f for v in ranges.width),
+    }
+
+
+def component_profile(manifest: dict, component: str, ranges: Ranges) -> dict[str, dict[str, list[int]]]:
+    """{input name: {"min": shape, "opt": shape, "max": shape}} for one component's optimization profile.
+    Fixed dimensions (the text encoder's sequence length, channels) are the same in all three."""
+    rec = manifest["components"][component]
+    dims = dim_ranges(manifest, component, ranges)
+    profile = {}
+    for t in rec["inputs"]:
+        shapes = {"min": [], "opt": [], "max": []}
+        for d in t["shape"]:
+            if isinstance(d, int):
+                for k in shapes:
+                    shapes[k].append(d)
+            elif d in dims:
+                for i, k in enumerate(("min", "opt", "max")):
+                    shapes[k].append(int(dims[d][i]))
+            else:
+                raise RangeError(f"{component} input {t['name']} has a dimension {d!r} that sdrt build does not know how to size")
+        profile[t["name"]] = shapes
+    return profile
+
+
+def profiles(manifest: dict, components: list[str], ranges: Ranges) -> dict[str, dict]:
+    return {c: component_profile(manifest, c, ranges) for c in components}
+
+
+# -- the records ------------------------------------------------------------------------------
+
+
+def engine_dir(model_dir: str | Path, key: str) -> Path:
+    return Path(model_dir) / ENGINES_DIR / key
+
+
+def plan_relpath(key: str, component: str) -> str:
+    return f"{ENGINES_DIR}/{key}/{component}{PLAN_SUFFIX}"
+
+
+def onnx_hashes(component_record: dict) -> dict:
+    return {
+        "onnx_sha256": component_record.get("sha256"),
+        "onnx_external_data_sha256": component_record.get("external_data_sha256"),
+    }
+
+
+def reuse_decision(
+    existing: dict | None,
+    *,
+    component_record: dict,
+    profile: dict,
+    precision: str,
+    model_dir: str | Path,
+    force: bool = False,
+) -> tuple[bool, str]:
+    """(reuse?, why): an engine already built for this key is reused when it came from the same ONNX
+    (sha256 of graph and external data), with the same profile and precision, and its file is there."""
+    if force:
+        return False, "--force"
+    if not existing:
+        return False, "not built yet"
+    if {k: existing.get(k) for k in ("onnx_sha256", "onnx_external_data_sha256")} != onnx_hashes(component_record):
+        return False, "the ONNX changed since the last build"
+    if existing.get("profile") != profile:
+        return False, "the profile changed"
+    if existing.get("precision") != precision:
+        return False, f"the precision changed ({existing.get('precision')} -> {precision})"
+    path = Path(model_dir) / existing.get("file", "")
+    if not existing.get("file") or not path.is_file():
+        return False, "the engine file is missing"
+    if existing.get("size_bytes") is not None and path.stat().st_size != existing["size_bytes"]:
+        return False, "the engine file does not match its record"
+    return True, "up to date"
+
+
+def _rebuild_hint(model_dir, components: list[str] | None = None) -> str:
+    comps = f" --components {','.join(components)}" if components else ""
+    return f"`sdrt build {model_dir}{comps}`"
+
+
+def _differences(recorded: dict, facts: DeviceFacts) -> list[str]:
+    out = []
+    if recorded.get("gpu_name") != facts.gpu_name:
+        out.append(f"the GPU differs ({recorded.get('gpu_name')} vs {facts.gpu_name} here)")
+    if str(recorded.get("compute_capability")) != str(facts.compute_capability):
+        out.append(f"the compute capability differs ({recorded.get('compute_capability')} vs {facts.compute_capability} here)")
+    if recorded.get("tensorrt_version") != facts.tensorrt_version:
+        out.append(f"the TensorRT version differs ({recorded.get('tensorrt_version')} vs {facts.tensorrt_version} here)")
+    return out
+
+
+def check_engine_set(
+    manifest: dict,
+    facts: DeviceFacts,
+    model_dir: str | Path,
+    components: list[str] | None = None,
+) -> dict[str, dict]:
+    """The engine records for this machine, {component: record}, for ``components`` (default: all
+    the pipeline needs at load; the VAE encoder is checked only when asked for).
+
+    Raises :class:`EngineMismatch` naming what differs (GPU, compute capability, TensorRT version,
+    ONNX hash, missing file) and the ``sdrt build`` command that fixes it."""
+    engines = manifest.get("engines") or {}
+    key = gpu_key(facts)
+    if components is None:
+        components = [c for c in manifest["components"] if c in REQUIRED_AT_LOAD]
+    if not engines:
+        raise EngineMismatch(f"{model_dir} has no TensorRT engines; build them for this GPU with {_rebuild_hint(model_dir)}")
+    entry = engines.get(key)
+    if entry is None:
+        others = []
+        for other_key, rec in engines.items():
+            diffs = _differences(rec, facts)
+            why = "; ".join(diffs) if diffs else f"its key {other_key} differs"
+            others.append(f"{other_key}: {why}")
+        raise EngineMismatch(
+            f"the TensorRT engines in {model_dir} were built for another machine ({' | '.join(others)}); "
+            f"this is {facts.describe()}: rebuild for it with {_rebuild_hint(model_dir)}"
+        )
+    diffs = _differences(entry, facts)
+    if diffs:
+        raise EngineMismatch(
+            f"the TensorRT engines in {model_dir}/{ENGINES_DIR}/{key} cannot run here: {'; '.join(diffs)}; "
+            f"rebuild with {_rebuild_hint(model_dir)} --force"
+        )
+    recs = entry.get("components") or {}
+    out = {}
+    for comp in components:
+        rec = recs.get(comp)
+        if rec is None:
+            raise EngineMismatch(f"{model_dir} has no TensorRT engine for {comp} on this GPU; build it with {_rebuild_hint(model_dir, [comp])}")
+        onnx_rec = manifest["components"].get(comp, {})
+        want = onnx_hashes(onnx_rec)
+        got = {k: rec.get(k) for k in want}
+        if got != want:
+            which = "onnx_sha256" if got["onnx_sha256"] != want["onnx_sha256"] else "onnx_external_data_sha256"
+            raise EngineMismatch(
+                f"the {comp} engine was built from a different ONNX ({which} {str(got[which])[:12]} recorded, "
+                f"{str(want[which])[:12]} now: the model was re-exported); rebuild with {_rebuild_hint(model_dir, [comp])}"
+            )
+        path = Path(model_dir) / rec.get("file", "")
+        if not rec.get("file") or not path.is_file():
+            raise EngineMismatch(f"the {comp} engine {path} is missing; rebuild with {_rebuild_hint(model_dir, [comp])}")
+        if rec.get("size_bytes") is not None and path.stat().st_size != rec["size_bytes"]:
+            raise EngineMismatch(
+                f"the {comp} engine {path} does not match its record in sdrt.json (an interrupted build?); "
+                f"rebuild with {_rebuild_hint(model_dir, [comp])} --force"
+            )
+        out[comp] = rec
+    return out
+
+
+# -- shapes at run time -----------------------------------------------------------------------
+
+_FLAGS = {"height": "height", "width": "width", "latent_height": "height", "latent_width": "width"}
+
+
+def check_shapes(
+    component: str,
+    component_record: dict,
+    profile: dict,
+    shapes: dict[str, tuple],
+    *,
+    model_dir: str | Path = "DIR",
+    vae_scale_factor: int = 8,
+) -> None:
+    """Raise :class:`ShapeOutsideProfile` when ``shapes`` fall outside the engine's profile; the
+    message names the size (height/width in pixels, batch in images), the profile's range and the
+    ``sdrt build`` flags that would cover it."""
+    specs = {t["name"]: t["shape"] for t in component_record["inputs"]}
+    for name, shape in shapes.items():
+        prof = profile.get(name)
+        if prof is None:
+            continue
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != len(prof["min"]):
+            raise ShapeOutsideProfile(
+                f"{component} input {name} has shape {shape}, the engine expects {len(prof['min'])} dimensions"
+            )
+        dims = specs.get(name, [None] * len(shape))
+        for axis, v in enumerate(shape):
+            lo, hi = prof["min"][axis], prof["max"][axis]
+            if lo <= v <= hi:
+                continue
+            d = dims[axis] if axis < len(dims) else None
+            raise ShapeOutsideProfile(_outside_message(component, name, d, v, lo, hi, model_dir, vae_scale_factor))
+
+
+def _outside_message(component, name, dim, v, lo, hi, model_dir, f) -> str:
+    if dim in _FLAGS:
+        size = _FLAGS[dim]
+        scale = f if dim.startswith("latent_") else 1
+        val, lo_px, hi_px = v * scale, lo * scale, hi * scale
+        if lo == hi:  # a --static engine: build that one size instead
+            flag = f"--{size} {val} --static (or a range without --static)"
+        else:
+            flag = f"--max-{size} {val}" if val > hi_px else f"--min-{size} {val}"
+        return (
+            f"{size} {val} is outside the {component} engine's profile {lo_px}..{hi_px}; "
+            f"rebuild with sdrt build {model_dir} {flag}"
+        )
+    if dim == "batch":
+        if component in GUIDED:
+            images = math.ceil(v / 2)
+            what = f"batch {v} (the UNet runs 2 x images under classifier-free guidance)"
+            rng = f"{lo}..{hi} (up to {hi // 2} images with guidance)"
+        else:
+            images, what, rng = v, f"batch {v}", f"{lo}..{hi}"
+        # below the minimum only happens with --static (min batch is 1 otherwise)
+        flag = f"--max-batch {images}" if v > hi else "without --static"
+        return f"{what} is outside the {component} engine's profile {rng}; rebuild with sdrt build {model_dir} {flag}"
+    return (
+        f"{component} input {name} dimension {dim!r} = {v} is outside the engine's profile {lo}..{hi}; "
+        f"rebuild with sdrt build {model_dir}"
+    )
