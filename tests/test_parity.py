@@ -21,8 +21,6 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers.utils import torch_utils  # noqa: E402
-
 from sdrt.runtime.pipeline import Pipeline  # noqa: E402
 from sdrt.runtime.schedulers import SCHEDULER_NAMES  # noqa: E402
 
@@ -118,6 +116,16 @@ class Reference:
         return diffusers_scheduler_class(class_name).from_config(self.scheduler_config, **{**overrides, **implied})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One intra-op thread on both sides: these models are tiny, and on a shared 2-core machine torch's thread
+    pool waiting on busy cores makes a 0.1 s call take seconds. Parity does not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     cache = {}
@@ -136,7 +144,7 @@ def sdrt_pipeline(model_dir):
 
     def get(family) -> Pipeline:
         if family not in cache:
-            cache[family] = Pipeline.load(model_dir(family), backend="ort-cpu")
+            cache[family] = Pipeline.load(model_dir(family), backend="ort-cpu", threads=1)
         return cache[family]
 
     yield get
@@ -157,8 +165,11 @@ class RecordingGenerator:
 
 
 def patch_randn_tensor(monkeypatch, gen: RecordingGenerator) -> list[str]:
-    """Make diffusers' randn_tensor draw from ``gen`` in every module that imported it; returns those modules."""
-    original = torch_utils.randn_tensor
+    """Make diffusers' randn_tensor draw from ``gen`` in every module that imported it; returns those modules.
+
+    Every diffusers module holding a ``randn_tensor`` is patched, not only those holding the original: a module
+    first imported while an earlier test had torch_utils patched keeps that test's function after the undo.
+    """
 
     def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
         sample = torch.from_numpy(gen.standard_normal(tuple(shape), dtype=np.float32))
@@ -166,7 +177,7 @@ def patch_randn_tensor(monkeypatch, gen: RecordingGenerator) -> list[str]:
 
     patched = []
     for name, module in list(sys.modules.items()):
-        if name.startswith("diffusers") and vars(module).get("randn_tensor") is original:
+        if name.startswith("diffusers") and module is not None and callable(vars(module).get("randn_tensor")):
             monkeypatch.setattr(module, "randn_tensor", randn_tensor)
             patched.append(name)
     return patched
@@ -175,35 +186,8 @@ def patch_randn_tensor(monkeypatch, gen: RecordingGenerator) -> list[str]:
 # ---------------------------------------------------------------------------------------------- the check
 
 
-def run_pair(
-    reference,
-    sdrt_pipeline,
-    monkeypatch,
-    family,
-    scheduler,
-    steps,
-    *,
-    img2img=False,
-    prompt=PROMPT,
-    negative_prompt=None,
-    guidance_scale=GUIDANCE,
-    num_images_per_prompt=1,
-    overrides=None,
-    strength=STRENGTH,
-    seed=0,
-):
-    """Run one generation through diffusers and sdrt; assert pixel parity and identical noise draws."""
-    overrides = dict(overrides or {})
-    ref = reference(family)
-    pipe = ref.img2img if img2img else ref.txt2img
-    pipe.scheduler = ref.scheduler(scheduler, overrides)
-    ref_gen = RecordingGenerator(seed)
-    patched = patch_randn_tensor(monkeypatch, ref_gen)
-    assert type(pipe).__module__ in patched and "diffusers.models.autoencoders.vae" in patched
-    sched_module = type(pipe.scheduler).__module__
-    assert "randn_tensor" not in vars(sys.modules[sched_module]) or sched_module in patched
-
-    common = dict(
+def _call_kwargs(steps, prompt=PROMPT, negative_prompt=None, guidance_scale=GUIDANCE, num_images_per_prompt=1):
+    return dict(
         prompt=prompt,
         negative_prompt=negative_prompt,
         num_inference_steps=steps,
@@ -211,14 +195,33 @@ def run_pair(
         num_images_per_prompt=num_images_per_prompt,
         output_type="np",
     )
-    call = dict(common, image=IMAGE, strength=strength) if img2img else dict(common, height=SIZE, width=SIZE)
-    with torch.no_grad():
-        expected = pipe(**call).images
-    assert isinstance(expected, np.ndarray) and np.isfinite(expected).all()
 
+
+def run_diffusers(reference, monkeypatch, family, scheduler, steps, *, img2img=False, overrides=None,
+                  strength=STRENGTH, seed=0, **settings):
+    """diffusers' images (B, H, W, 3) and the shapes of the noise it drew, in order."""
+    ref = reference(family)
+    pipe = ref.img2img if img2img else ref.txt2img
+    pipe.scheduler = ref.scheduler(scheduler, dict(overrides or {}))
+    gen = RecordingGenerator(seed)
+    patched = patch_randn_tensor(monkeypatch, gen)
+    assert type(pipe).__module__ in patched and "diffusers.models.autoencoders.vae" in patched
+    sched_module = type(pipe.scheduler).__module__
+    assert "randn_tensor" not in vars(sys.modules[sched_module]) or sched_module in patched
+    call = _call_kwargs(steps, **settings)
+    call.update(dict(image=IMAGE, strength=strength) if img2img else dict(height=SIZE, width=SIZE))
+    with torch.no_grad():
+        images = pipe(**call).images
+    assert isinstance(images, np.ndarray)
+    return images, gen.draws
+
+
+def run_sdrt(sdrt_pipeline, family, scheduler, steps, *, img2img=False, overrides=None, strength=STRENGTH, seed=0,
+             **settings):
+    """sdrt's PipelineOutput and the shapes of the noise it drew, in order."""
     gen = RecordingGenerator(seed)
     out = sdrt_pipeline(family)(
-        **common,
+        **_call_kwargs(steps, **settings),
         height=SIZE,
         width=SIZE,
         scheduler=scheduler,
@@ -227,12 +230,21 @@ def run_pair(
         strength=strength,
         generator=gen,
     )
-    n_prompts = 1 if isinstance(prompt, str) else len(prompt)
-    assert out.images.shape == expected.shape == (n_prompts * num_images_per_prompt, SIZE, SIZE, 3)
+    return out, gen.draws
+
+
+def run_pair(reference, sdrt_pipeline, monkeypatch, family, scheduler, steps, **settings):
+    """Run one generation through diffusers and sdrt; assert pixel parity and identical noise draws."""
+    expected, ref_draws = run_diffusers(reference, monkeypatch, family, scheduler, steps, **settings)
+    assert np.isfinite(expected).all()
+    out, draws = run_sdrt(sdrt_pipeline, family, scheduler, steps, **settings)
+    prompt = settings.get("prompt", PROMPT)
+    batch = (1 if isinstance(prompt, str) else len(prompt)) * settings.get("num_images_per_prompt", 1)
+    assert out.images.shape == expected.shape == (batch, SIZE, SIZE, 3)
     assert out.images.dtype == np.float32
     err = float(np.abs(out.images - expected).max())
     assert err <= TOL, f"max abs pixel difference {err:.3g} > {TOL}"
-    assert gen.draws == ref_gen.draws, "the two pipelines draw noise in different orders or shapes"
+    assert draws == ref_draws, "the two pipelines draw noise in different orders or shapes"
     return out, expected
 
 
@@ -278,6 +290,7 @@ def test_img2img_without_steps(sdrt_pipeline):
 
 # ---------------------------------------------------------------------------------------------- config variants
 
+ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 VARIANTS = [
     # (id, family, schedulers, overrides, steps, img2img)
     ("spacing-leading", "sd1", ["ddim", "euler"], {"timestep_spacing": "leading"}, 5, False),
@@ -291,10 +304,12 @@ VARIANTS = [
     ("clip-sample", "sd1", ["ddim"], {"clip_sample": True}, 5, False),
     ("alpha-to-one", "sd1", ["ddim", "pndm"], {"set_alpha_to_one": True}, 5, False),
     ("final-sigmas-zero", "sd1", ["dpm++2m", "unipc"], {"final_sigmas_type": "zero"}, 5, False),
-    ("zero-snr-trailing", "sd1", ["ddim", "euler"], {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
-     5, False),
-    ("zero-snr-trailing-v", "sd2", ["ddim"], {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
-     5, False),
+    # zero terminal SNR is meant for v-prediction (sd2, or sd1 told so); with epsilon prediction Euler and DPM-Solver
+    # clamp the last alpha_bar to 2**-24 and stay finite, DDIM divides by zero: test_zero_snr_with_epsilon_prediction
+    ("zero-snr-trailing", "sd2", ["ddim", "dpm++2m", "euler-a"], ZERO_SNR, 5, False),
+    ("zero-snr-trailing-img2img", "sd2", ["unipc"], ZERO_SNR, 5, True),
+    ("zero-snr-trailing-v", "sd1", ["ddim"], {**ZERO_SNR, "prediction_type": "v_prediction"}, 5, False),
+    ("zero-snr-trailing-eps", "sd1", ["euler", "dpm++2m"], ZERO_SNR, 5, False),
     ("log-linear", "sd1", ["euler"], {"interpolation_type": "log_linear"}, 5, False),
     ("beta-linear", "sd1", ["ddim", "lms"], {"beta_schedule": "linear"}, 5, False),
     ("beta-linear-img2img", "sd1", ["heun"], {"beta_schedule": "linear"}, 5, True),
@@ -310,6 +325,18 @@ def test_config_variant(reference, sdrt_pipeline, monkeypatch, family, scheduler
         reference, sdrt_pipeline, monkeypatch, family, scheduler, steps,
         img2img=img2img, overrides=overrides, negative_prompt=NEGATIVE,
     )
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_zero_snr_with_epsilon_prediction(reference, sdrt_pipeline, monkeypatch):
+    """alpha_bar = 0 at t = 999 and epsilon prediction: x0 = (x - eps) / 0. diffusers returns a NaN image;
+    sdrt refuses with an error naming the setting."""
+    from sdrt.runtime.pipeline import NonFiniteError
+
+    expected, _ = run_diffusers(reference, monkeypatch, "sd1", "ddim", 5, overrides=ZERO_SNR)
+    assert np.isnan(expected).all()
+    with pytest.raises(NonFiniteError, match="rescale_betas_zero_snr with prediction_type epsilon"):
+        run_sdrt(sdrt_pipeline, "sd1", "ddim", 5, overrides=ZERO_SNR)
 
 
 # ---------------------------------------------------------------------------------------------- batches, guidance
@@ -342,10 +369,12 @@ def test_prompt_list_with_negative_prompts(reference, sdrt_pipeline, monkeypatch
 
 class _RecordingUnet:
     def __init__(self, engine):
-        self.engine, self.batches = engine, []
+        self.engine, self.batches, self.time_ids = engine, [], []
 
     def __call__(self, **inputs):
         self.batches.append(inputs["sample"].shape[0])
+        if "time_ids" in inputs:
+            self.time_ids.append(inputs["time_ids"].copy())
         assert all(len(v) == self.batches[-1] for v in inputs.values())
         return self.engine(**inputs)
 
@@ -371,3 +400,29 @@ def test_guidance_one_calls_the_unet_once_per_step(
         n_calls -= (steps - int(steps * STRENGTH)) * ref_sched.order
     assert len(out.timings.unet) == n_calls == len(unet.batches)
     assert unet.batches == [1] * n_calls
+
+
+@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
+def test_sdxl_time_ids(reference, sdrt_pipeline, monkeypatch, img2img):
+    """SDXL micro-conditioning: both sides pass time ids [h, w, 0, 0, h, w] for every row, negatives included.
+    (diffusers' img2img pipeline would pass [h, w, 0, 0, aesthetic_score] with requires_aesthetics_score=True,
+    the refiner's layout; it defaults to False, and a base UNet's add_embedding only takes six ids.)"""
+    seen = []
+    unet = reference("sdxl").txt2img.unet  # shared by the img2img pipeline
+    handle = unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"].numpy().copy()),
+        with_kwargs=True,
+    )
+    pipe = sdrt_pipeline("sdxl")
+    recording = _RecordingUnet(pipe.engine("unet"))
+    monkeypatch.setitem(pipe._engines, "unet", recording)
+    try:
+        run_pair(reference, sdrt_pipeline, monkeypatch, "sdxl", "euler", 3, img2img=img2img, negative_prompt=NEGATIVE)
+    finally:
+        handle.remove()
+    assert not reference("sdxl").img2img.config.requires_aesthetics_score
+    expected = np.tile(np.array([SIZE, SIZE, 0, 0, SIZE, SIZE], np.float32), (2, 1))
+    assert seen and recording.time_ids and len(seen) == len(recording.time_ids)
+    for ref_ids, ids in zip(seen, recording.time_ids):
+        np.testing.assert_array_equal(ref_ids, expected)
+        np.testing.assert_array_equal(ids, expected)

@@ -5,7 +5,8 @@
     latents = noise * sched.init_noise_sigma
     for i, t in enumerate(sched.timesteps):
         eps = unet(sched.scale_model_input(latents, i), t)
-        latents = sched.step(eps, i, latents, noise=rng.standard_normal(latents.shape) if sched.needs_noise else None)
+        noise = rng.standard_normal(latents.shape) if sched.needs_noise_at(i) else None
+        latents = sched.step(eps, i, latents, noise=noise)
 
 Each scheduler is configured exactly as ``SchedulerClass.from_config(config, **overrides)`` would be, and steps
 are addressed by index into ``timesteps`` rather than by timestep value.

@@ -175,6 +175,9 @@ class LCM(_AlphaScheduler):
     def needs_noise(self) -> bool:
         return len(self.timesteps) != 1  # a single step returns the denoised estimate itself
 
+    def needs_noise_at(self, i: int) -> bool:
+        return i != len(self.timesteps) - 1  # the final step returns the denoised estimate itself
+
     def _build(self, n: int) -> None:
         total, original = self.config["num_train_timesteps"], self.config["original_inference_steps"]
         if original > total:

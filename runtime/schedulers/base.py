@@ -55,6 +55,11 @@ class Scheduler:
     def needs_noise(self) -> bool:
         return False
 
+    def needs_noise_at(self, i: int) -> bool:
+        """Whether ``step(..., i, ...)`` uses its ``noise``: draw noise for exactly these steps and a generator
+        is consumed as diffusers consumes its own (LCM, for one, draws nothing for its final step)."""
+        return self.needs_noise
+
     def set_timesteps(self, num_inference_steps: int) -> None:
         n = check_steps(num_inference_steps)
         self.begin_index = None
@@ -78,7 +83,7 @@ class Scheduler:
     def _check_step(self, i: int, noise):
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps() before step()")
-        if noise is None and self.needs_noise:
+        if noise is None and self.needs_noise_at(i):
             raise ValueError(f"scheduler {self.name!r} needs a `noise` array (standard normal, shaped like sample)")
 
     def __repr__(self) -> str:
