@@ -78,8 +78,7 @@ def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = 
         ort = "cuda" if not strict and cuda_available() else "cpu"
 
         def fallback(name):  # auto: a component without a usable engine runs on ONNX Runtime
-            return OrtEngine(name, model_dir, manifest["components"][name], provider=ort, threads=threads,
-                             low_memory=low_memory)
+            return OrtEngine(name, model_dir, manifest["components"][name], provider=ort, threads=threads)
 
         records = tensorrt_records(model_dir, manifest, strict=True)
         return kind, open_engines(model_dir, manifest, records, cuda_graph=cuda_graph, low_memory=low_memory,
@@ -88,7 +87,7 @@ def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = 
     engines = {}
     for name, rec in manifest["components"].items():
         def open_engine(name=name, rec=rec):
-            return OrtEngine(name, model_dir, rec, provider=provider, threads=threads, low_memory=low_memory)
+            return OrtEngine(name, model_dir, rec, provider=provider, threads=threads)
 
         lazy = low_memory or name == "vae_encoder"
         engines[name] = LazyEngine(name, open_engine) if lazy else open_engine()

@@ -71,7 +71,7 @@ class OrtEngine:
     """
 
     def __init__(self, name: str, model_dir: Path, record: dict, provider: str = "cpu", threads: int | None = None,
-                 cache: bool = True, low_memory: bool = False):
+                 cache: bool = True):
         import onnxruntime as ort
 
         self.name = name
@@ -92,10 +92,10 @@ class OrtEngine:
         opts.intra_op_num_threads = threads or physical_cores()
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if low_memory:
-            # The arena keeps the largest activation footprint reserved for the session's life;
-            # without it buffers go back to the allocator after each call.
-            opts.enable_cpu_mem_arena = False
+        # The arena keeps every session's largest activation footprint reserved for its whole
+        # life; without it buffers go back to the allocator after each call. Measured on SD 1.5
+        # at 256x256 (sdrt bench): no slower, and peak RSS no longer exceeds diffusers'.
+        opts.enable_cpu_mem_arena = False
         providers = (
             [("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
             if provider == "cuda"
