@@ -12,7 +12,6 @@ builder object (``facts``, ``has_fp16_flag``, ``build(...)``) so everything else
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from sdrt.runtime.engines import (
     resolve_ranges,
     reuse_decision,
 )
-from sdrt.runtime.manifest import ModelDirError, load_manifest, write_json_atomic
+from sdrt.runtime.manifest import ModelDirError, load_manifest, write_atomic, write_json_atomic
 
 
 class BuildError(RuntimeError):
@@ -121,19 +120,7 @@ class TensorRTBuilder:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: f.write(data))
 
 
 class _Heartbeat:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from sdrt import __version__
-from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
+from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, default_mode, sha256_file, write_json_atomic
 
 from . import onnx_graph
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
@@ -107,7 +107,7 @@ def export_model(
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise ExportError(f"cannot write in the output folder {out.parent}: {e.strerror}; choose another --out") from e
-    os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+    os.chmod(work, default_mode(directory=True))  # mkdtemp makes it private; the result should not be
     try:
         manifest = _export_into(ckpt, work, fp16=fp16, fp16_vae=fp16_vae, opset=opset, log=log)
         _replace_dir(work, out)
@@ -134,12 +134,6 @@ def _remove_stale_work_dirs(out: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
         except (ValueError, IndexError, PermissionError):
             pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import onnx
 import torch
 
+from sdrt.runtime.manifest import default_mode
+
 from .components import Component
 
 OPSET = 17
@@ -127,12 +129,6 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large)
 
 
-def _chmod_like_umask(path: Path) -> None:
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def save(model: onnx.ModelProto, path: Path) -> bool:
     """Save ``model`` at ``path``; past 2 GB the weights go to one external file beside it.
     Returns whether external data was used. The saved model is checked by path."""
@@ -150,7 +146,7 @@ def save(model: onnx.ModelProto, path: Path) -> bool:
         )
         del model
         release_memory()
-        _chmod_like_umask(path.parent / EXTERNAL_DATA_NAME)  # onnx writes it private
+        os.chmod(path.parent / EXTERNAL_DATA_NAME, default_mode())  # onnx writes it private
     else:
         onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))  # the path-based checker follows external data

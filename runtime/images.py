@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from .manifest import write_atomic
 
 PARAMETERS_KEY = "parameters"
 
@@ -27,17 +27,7 @@ def save_png(image, path: str | Path, parameters: dict) -> Path:
     path = Path(path)
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, json.dumps(parameters, default=str))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))
     return path
 
 
