@@ -21,7 +21,7 @@ from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, default_mode, s
 from . import onnx_graph
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .components import components_for
-from .validate import FP32_MAX_REL, ValidationError, validate
+from .validate import FP16_MAX_REL, FP32_MAX_REL, ValidationError, validate
 
 
 class ExportError(RuntimeError):
@@ -180,13 +180,15 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
         except ValidationError as e:
             raise ExportError(str(e)) from e
         except Exception as e:
-            if not half:
-                raise
-            val = {"skipped": f"ONNX Runtime CPU cannot run the fp16 graph: {type(e).__name__}"}
-        if not half and val["max_rel_error"] > FP32_MAX_REL:
+            if not (half and type(e).__name__ == "NotImplemented"):
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ExportError(f"{comp.name}: ONNX Runtime cannot load or run the exported graph: {first}") from e
+            val = {"skipped": f"ONNX Runtime CPU has no fp16 kernel for an op of this graph: {e}".splitlines()[0]}
+        limit = FP16_MAX_REL if half else FP32_MAX_REL
+        if "max_rel_error" in val and val["max_rel_error"] > limit:
             raise ExportError(
                 f"{comp.name}: ONNX output differs from PyTorch by {val['max_rel_error']:.2e} relative "
-                f"(limit {FP32_MAX_REL:.0e}); the export is not faithful"
+                f"(limit {limit:.0e} for {'fp16' if half else 'fp32'}); the export is not faithful"
             )
         size = sum(f.stat().st_size for f in dest.iterdir())
         records[comp.name] = {

@@ -122,11 +122,45 @@ def _quiet_tools() -> None:
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """fp16 weights and compute, fp32 inputs and outputs (onnxconverter-common)."""
-    from onnxconverter_common import float16
+    """fp16 weights and compute, fp32 inputs and outputs, with ONNX Runtime's converter (its fork of
+    onnxconverter-common keeps Cast nodes consistent; the original leaves the UNet's timestep
+    projection Cast typed float32 with a float16 output, which no runtime loads)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    large = is_large(model)
-    return float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large)
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=is_large(model))
+    _toposort_in_place(model.graph)  # the converter appends the input Casts at the end
+    return model
+
+
+def _toposort_in_place(graph: onnx.GraphProto) -> None:
+    """Kahn's algorithm over the node list, keeping the existing order among ready nodes. Done on the
+    protos directly: a graphsurgeon round trip would copy every weight of a multi-GB graph."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    waiting = {}  # tensor name -> indices of nodes that still wait for it
+    missing = []
+    for idx, node in enumerate(graph.node):
+        need = {name for name in node.input if name not in available}
+        missing.append(len(need))
+        for name in need:
+            waiting.setdefault(name, []).append(idx)
+    ready = [idx for idx, n in enumerate(missing) if n == 0]
+    order = []
+    while ready:
+        idx = ready.pop(0)
+        order.append(idx)
+        for out in graph.node[idx].output:
+            for j in waiting.pop(out, ()):
+                missing[j] -= 1
+                if missing[j] == 0:
+                    ready.append(j)
+    if len(order) != len(graph.node):
+        raise ValueError("the graph has a cycle or an input no node produces")
+    nodes = [graph.node[i] for i in order]
+    copies = [onnx.NodeProto() for _ in nodes]
+    for copy, node in zip(copies, nodes):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def save(model: onnx.ModelProto, path: Path) -> bool:

@@ -291,3 +291,27 @@ def test_real_install_puts_only_the_sdrt_namespace_in_site_packages(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(target)}, cwd=tmp_path,
                          capture_output=True, text=True, check=True)
     assert res.stdout.strip().startswith(str(target))
+
+
+def test_fp16_export_halves_text_encoder_and_unet_and_keeps_the_vae_fp32(checkpoint, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from sdrt.export.exporter import export_model
+
+    out = tmp_path / "fp16"
+    m = export_model(checkpoint("sd1"), out, fp16=True, log=lambda *_: None)
+    precision = {name: rec["precision"] for name, rec in m["components"].items()}
+    assert precision == {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"}
+    for name, rec in m["components"].items():
+        graph = onnx.load(str(out / rec["file"])).graph
+        weight_bytes = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
+        for t in graph.initializer:
+            if t.data_type in weight_bytes:
+                weight_bytes[t.data_type] += len(t.raw_data)
+        half_share = weight_bytes[onnx.TensorProto.FLOAT16] / sum(weight_bytes.values())
+        # a few small fp32 tensors stay (e.g. Resize scales must be float32)
+        assert half_share > 0.99 if rec["precision"] == "fp16" else half_share == 0, (name, half_share)
+        assert all(t["dtype"] in ("float32", "int32") for t in rec["inputs"] + rec["outputs"]), "fp32 I/O"
+        ort.InferenceSession(str(out / rec["file"]), providers=["CPUExecutionProvider"])  # loads
+        assert rec["validation"]["max_rel_error"] <= 5e-2, name

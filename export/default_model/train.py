@@ -1,0 +1,387 @@
+"""Train the built-in default text-to-image model on the synthetic scenes of ``data`` (issue 6).
+
+    python -m sdrt.export.default_model.train --out DIR [--seed 0] [--vae-minutes M] [--unet-minutes M] [--batch N]
+
+The model is a real Stable Diffusion 1.x arrangement built from diffusers / transformers classes, only
+small: a CLIP text encoder (``CLIPTextModel``, the real 49408-token CLIP tokenizer), a cross-attention
+``UNet2DConditionModel`` on 16x16x4 latents, an 8x-downsampling ``AutoencoderKL`` (128 px images) and
+the Stable Diffusion 1.5 scheduler config (epsilon prediction). It is written with ``save_pretrained``
+in the diffusers layout with a ``model_index.json``, exactly as ``sdrt.export.testing`` writes its test
+checkpoints, so ``StableDiffusionPipeline.from_pretrained(DIR)`` loads it and ``sdrt export DIR`` exports it.
+
+Training, on CPU, each stage budgeted by wall clock (``--vae-steps`` / ``--unet-steps`` fix the step
+counts instead, for bit-exact reruns):
+
+1. a training set of ``--n-train`` scenes (``data.make_dataset(allow="train")``: held-out combinations
+   never appear) is rendered once;
+2. VAE: L1 + L2 reconstruction + a small KL term (``--kl``) on those images; afterwards the latent
+   scaling factor is set to 1 / (std of the encoded latents), as Stable Diffusion did;
+3. the VAE is frozen and the whole set is encoded once (latent means); the UNet and the text encoder
+   train jointly on the noise-prediction MSE, with each step drawing a fresh caption of every scene
+   (``data.caption`` varies the wording and what is stated) and dropping ~10% of captions to "" for
+   classifier-free guidance; AdamW, linear warmup then cosine decay, an EMA of the weights (saved);
+4. the checkpoint is written and a quick evaluation runs: diffusers' ``StableDiffusionPipeline``
+   (DPM-Solver++ 20 steps, guidance 7.5, fixed seed) on held-out prompts and on fully specified prompts
+   of training-distribution scenes, scored by ``evaluate.accuracy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data, evaluate
+
+TEXT_ENCODER = dict(
+    vocab_size=49408,
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=128,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=[64, 128, 128],
+    layers_per_block=1,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=128,
+    attention_head_dim=4,  # diffusers' SD1 naming: this is the number of heads
+    norm_num_groups=32,
+)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[32, 32, 64, 64],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=128,
+)
+TOKENIZER_PAD = "<|endoftext|>"
+
+
+def _scheduler_config() -> dict:
+    from ..testing import SD15_SCHEDULER
+
+    return dict(SD15_SCHEDULER)
+
+
+class _Clock:
+    """A stage's budget: a fixed step count when given, else wall-clock minutes."""
+
+    def __init__(self, minutes: float, steps: int | None):
+        self.t0 = time.monotonic()
+        self.budget = minutes * 60.0
+        self.steps = steps
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def done(self, step: int) -> bool:
+        if self.steps is not None:
+            return step >= self.steps
+        return self.elapsed() >= self.budget
+
+    def progress(self, step: int) -> float:
+        """Fraction of the stage done (drives the lr schedule)."""
+        if self.steps is not None:
+            return step / max(self.steps, 1)
+        return min(self.elapsed() / max(self.budget, 1e-9), 1.0)
+
+
+def _lr_at(base: float, step: int, progress: float, warmup: int, final_frac: float = 0.1) -> float:
+    w = min(1.0, (step + 1) / max(warmup, 1))
+    cos = final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return base * w * cos
+
+
+def _to_tensor(images_u8: np.ndarray):
+    import torch
+
+    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def train_vae(images: np.ndarray, args, rng: np.random.Generator, log):
+    import torch
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+
+    vae = AutoencoderKL(**VAE)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    clock = _Clock(args.vae_minutes, args.vae_steps)
+    bar = tqdm(desc="vae", unit="step", file=sys.stderr, mininterval=2.0)
+    step, run_loss = 0, None
+    while not clock.done(step):
+        idx = rng.integers(len(images), size=args.vae_batch)
+        x = _to_tensor(images[idx])
+        lr = _lr_at(args.vae_lr, step, clock.progress(step), warmup=50)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        l2 = ((rec - x) ** 2).mean()
+        kl = post.kl().mean() / z[0].numel()
+        loss = l1 + l2 + args.kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        v = float(loss)
+        run_loss = v if run_loss is None else 0.95 * run_loss + 0.05 * v
+        bar.update(1)
+        bar.set_postfix(loss=f"{run_loss:.4f}", l1=f"{float(l1):.4f}", lr=f"{lr:.1e}", refresh=False)
+        if step % args.log_every == 0:
+            log(f"vae step {step} ({clock.elapsed():.0f}s): loss {run_loss:.5f} l1 {float(l1):.5f} "
+                f"l2 {float(l2):.5f} kl/dim {float(kl):.3f} lr {lr:.2e}")
+    bar.close()
+    log(f"vae done: {step} steps in {clock.elapsed():.0f}s, final loss (ema) {run_loss:.5f}")
+    vae.eval()
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    return vae, step
+
+
+def encode_all(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            out.append(vae.encode(_to_tensor(images[i : i + batch])).latent_dist.mean.numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def _tokenize(tokenizer, texts):
+    return tokenizer(
+        list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+class _EMA:
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    def update(self, step: int):
+        import torch
+
+        d = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    def copy_to(self):
+        import torch
+
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s)
+
+
+def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Generator, log):
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from tqdm import tqdm
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    te = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER))
+    unet = UNet2DConditionModel(**UNET)
+    te.train()
+    unet.train()
+    noise_sched = DDPMScheduler.from_config(_scheduler_config())
+    acp = noise_sched.alphas_cumprod.float()
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2, betas=(0.9, 0.99))
+    ema = _EMA(params, args.ema) if args.ema > 0 else None
+    lat = torch.from_numpy(latents)
+    clock = _Clock(args.unet_minutes, args.unet_steps)
+    bar = tqdm(desc="unet", unit="step", file=sys.stderr, mininterval=2.0)
+    step, run_loss = 0, None
+    while not clock.done(step):
+        idx = rng.integers(len(latents), size=args.batch)
+        caps = ["" if rng.random() < args.caption_dropout else data.caption(scenes[i], rng) for i in idx]
+        ids = _tokenize(tokenizer, caps)
+        x0 = lat[idx] * args.scaling_factor
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),))
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        lr = _lr_at(args.unet_lr, step, clock.progress(step), warmup=args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        cond = te(ids)[0]
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if ema is not None:
+            ema.update(step)
+        v = float(loss)
+        run_loss = v if run_loss is None else 0.98 * run_loss + 0.02 * v
+        bar.update(1)
+        bar.set_postfix(loss=f"{run_loss:.4f}", lr=f"{lr:.1e}", refresh=False)
+        if step % args.log_every == 0:
+            log(f"unet step {step} ({clock.elapsed():.0f}s): loss {run_loss:.5f} lr {lr:.2e}")
+    bar.close()
+    log(f"unet done: {step} steps in {clock.elapsed():.0f}s, final loss (ema) {run_loss:.5f}")
+    if ema is not None:
+        ema.copy_to()
+    te.eval()
+    unet.eval()
+    return te, unet, step
+
+
+def save_checkpoint(out: Path, te, unet, vae) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    te.save_pretrained(out / "text_encoder")
+    unet.save_pretrained(out / "unet")
+    vae.save_pretrained(out / "vae")
+    sched = _scheduler_config()
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", sched["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def generate(ckpt: Path, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float = 7.5, batch: int = 16):
+    """Images (float [0, 1], NHWC numpy) for ``prompts`` from the checkpoint, with diffusers."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(ckpt)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), batch):
+        r = pipe(
+            prompts[i : i + batch], height=data.SIZE, width=data.SIZE, num_inference_steps=steps,
+            guidance_scale=guidance, generator=gen, output_type="np",
+        )
+        out.append(r.images)
+    return np.concatenate(out)
+
+
+def train_prompts(n: int, seed: int) -> list[str]:
+    """Fully specified captions of training-distribution scenes (not the training set itself)."""
+    rng = np.random.default_rng([seed, 0x7A1])
+    return [data.full_caption(data.sample_scene(rng, allow="train")) for _ in range(n)]
+
+
+def quick_eval(ckpt: Path, n: int, seed: int, log) -> dict:
+    res = {}
+    for name, prompts in (("held_out", data.held_out_prompts(n, seed)), ("train_dist", train_prompts(n, seed))):
+        t = time.monotonic()
+        imgs = generate(ckpt, prompts, seed=seed)
+        acc = evaluate.accuracy(imgs, prompts)
+        res[name] = acc
+        log(f"eval {name} (n={acc['n']}, {time.monotonic() - t:.0f}s): "
+            + " ".join(f"{k} {v:.3f}" for k, v in acc.items() if k != "n"))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sdrt.export.default_model.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-minutes", type=float, default=8.0)
+    ap.add_argument("--unet-minutes", type=float, default=35.0)
+    ap.add_argument("--vae-steps", type=int, default=None, help="fixed VAE step count (overrides --vae-minutes)")
+    ap.add_argument("--unet-steps", type=int, default=None, help="fixed UNet step count (overrides --unet-minutes)")
+    ap.add_argument("--batch", type=int, default=32, help="UNet batch size")
+    ap.add_argument("--vae-batch", type=int, default=None, help="VAE batch size (default: min(8, --batch))")
+    ap.add_argument("--n-train", type=int, default=20000, help="training scenes rendered (and encoded)")
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--unet-lr", type=float, default=1e-3)
+    ap.add_argument("--kl", type=float, default=1e-5)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the UNet/text-encoder weights (0: off)")
+    ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--eval-n", type=int, default=32, help="prompts per evaluation set (0: skip)")
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    if args.vae_batch is None:
+        args.vae_batch = min(8, args.batch)
+
+    import torch
+    from transformers import CLIPTokenizer
+
+    from ..testing import write_clip_tokenizer
+
+    t_start = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t_start:7.0f}s] {msg}", flush=True)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    write_clip_tokenizer(out / "tokenizer", TOKENIZER_PAD)
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+
+    log(f"rendering {args.n_train} training scenes")
+    images, _, scenes = data.make_dataset(args.n_train, seed=args.seed, allow="train")
+    log("stage 1: VAE")
+    vae, _ = train_vae(images, args, rng, log)
+
+    log("encoding the training set")
+    latents = encode_all(vae, images)
+    del images
+    std = float(latents.std())
+    args.scaling_factor = 1.0 / std
+    vae.register_to_config(scaling_factor=args.scaling_factor)
+    log(f"latent mean {float(latents.mean()):.4f} std {std:.4f} -> scaling_factor {args.scaling_factor:.5f}")
+
+    log("stage 2: UNet + text encoder")
+    te, unet, _ = train_unet(latents, scenes, tokenizer, args, rng, log)
+    save_checkpoint(out, te, unet, vae)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(f"wrote {out} ({size / 1e6:.1f} MB)")
+    if args.eval_n > 0:
+        quick_eval(out, args.eval_n, args.seed, log)
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
