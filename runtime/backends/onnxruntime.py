@@ -46,10 +46,11 @@ def cuda_available() -> bool:
 
 
 def _writable_cache_root(model_dir: Path) -> Path | None:
-    """Optimized graphs are cached beside the model; a read-only model directory (package data,
-    a shared volume) caches under the user's cache folder instead."""
-    here = model_dir / "cache"
-    for root in (here, Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdrt"):
+    """Optimized graphs are cached beside the model; a model installed as package data, or in a
+    read-only directory, caches under the user's cache folder instead."""
+    user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdrt"
+    installed = any(part in ("site-packages", "dist-packages") for part in model_dir.resolve().parts)
+    for root in ((user,) if installed else (model_dir / "cache", user)):
         try:
             root.mkdir(parents=True, exist_ok=True)
             if os.access(root, os.W_OK):
