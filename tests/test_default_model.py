@@ -1,0 +1,65 @@
+"""The built-in default model: shipped as package data, generates without torch, and draws what
+it is asked (colour and shape, checked by the project's evaluator, with fixed seeds)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from sdrt.export.default_model import evaluate
+from sdrt.runtime.default_model import DEFAULT_MODEL_DIR, default_model_dir
+
+pytestmark = pytest.mark.skipif(default_model_dir() is None, reason="the default model is not installed (train it with "
+                                "python -m sdrt.export.default_model.train, export it into runtime/assets/default-model)")
+
+PROMPTS = [
+    "a red circle on a blue background",
+    "a yellow square on a black background",
+    "a green star on a white background",
+    "a blue triangle on a yellow background",
+    "a white diamond on a purple background",
+    "a black cross on an orange background",
+]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from sdrt.runtime.pipeline import Pipeline
+
+    return Pipeline.load(default_model_dir())
+
+
+def test_the_shipped_model_fits_in_25_mb():
+    size = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file() and "cache" not in p.parts)
+    assert size <= 25 * 2**20, size
+
+
+def test_generate_uses_the_default_model_without_torch(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "diffusers", "transformers"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        from sdrt.cli import main
+        raise SystemExit(main(["generate", "a red circle on a blue background", "--out", {str(tmp_path / "x.png")!r},
+                               "--seed", "0", "--quiet"]))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    from PIL import Image
+
+    with Image.open(tmp_path / "x.png") as im:
+        result = evaluate.evaluate(np.asarray(im.convert("RGB")), "a red circle on a blue background")
+    assert result["background"], result
+
+
+def test_colours_and_shapes_come_out_as_asked(pipe):
+    images = pipe(PROMPTS, num_inference_steps=20, seed=0, output_type="np").images
+    acc = evaluate.accuracy(images, PROMPTS)
+    assert acc["colour"] >= 5 / 6 and acc["shape"] >= 4 / 6, acc
