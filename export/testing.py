@@ -76,7 +76,7 @@ SDXL_SCHEDULER = {
 }
 
 # A small VAE that still downsamples by 8 (four blocks), so latent shapes are the real ones.
-_SMALL_VAE = dict(
+SMALL_VAE = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=["DownEncoderBlock2D"] * 4,
@@ -123,7 +123,7 @@ def family_spec(family: str) -> dict:
                 attention_head_dim=4,
                 norm_num_groups=32,
             ),
-            vae=dict(_SMALL_VAE, scaling_factor=0.18215),
+            vae=dict(SMALL_VAE, scaling_factor=0.18215),
             scheduler=SD15_SCHEDULER,
         )
     if family == "sd2":
@@ -144,7 +144,7 @@ def family_spec(family: str) -> dict:
                 upcast_attention=True,
                 norm_num_groups=32,
             ),
-            vae=dict(_SMALL_VAE, scaling_factor=0.18215),
+            vae=dict(SMALL_VAE, scaling_factor=0.18215),
             scheduler=SD21_SCHEDULER,
         )
     if family == "sdxl":
@@ -170,7 +170,7 @@ def family_spec(family: str) -> dict:
                 projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + pooled embedding
                 norm_num_groups=32,
             ),
-            vae=dict(_SMALL_VAE, scaling_factor=0.13025, force_upcast=True),
+            vae=dict(SMALL_VAE, scaling_factor=0.13025, force_upcast=True),
             scheduler=SDXL_SCHEDULER,
         )
     if family == "sd1-full":

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..testing import SMALL_VAE
 from . import data, evaluate
 
 TEXT_ENCODER = dict(
@@ -64,17 +65,8 @@ UNET = dict(
     attention_head_dim=4,  # diffusers' SD1 naming: this is the number of heads
     norm_num_groups=32,
 )
-VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[32, 32, 64, 64],
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=128,
-)
+# The test checkpoints' small VAE: four blocks, so 128 px images give 16x16x4 latents.
+VAE = dict(SMALL_VAE)
 TOKENIZER_PAD = "<|endoftext|>"
 
 
