@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd1-full")
 
@@ -234,17 +235,53 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def write_clip_tokenizer(out_dir: Path, pad_token: str) -> None:
-    """Write the CLIP tokenizer (vocab.json, merges.txt, tokenizer.json) as openai/clip-vit-large-patch14 has it."""
+def _bpe_merges_used(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    """The merges CLIP's BPE applies to one pre-tokenized word (its bytes already mapped to unicode)."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    used = []
+    while len(parts) > 1:
+        pairs = [(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
+        best = min(pairs, key=lambda pr: ranks.get(pr, 1 << 30))
+        if best not in ranks:
+            break
+        used.append(best)
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return used
+
+
+def write_clip_tokenizer(out_dir: Path, pad_token: str, words: Iterable[str] | None = None) -> None:
+    """Write the CLIP tokenizer (vocab.json, merges.txt, tokenizer.json) as openai/clip-vit-large-patch14 has it.
+
+    With ``words``, the vocabulary is trimmed to the 512 byte-level tokens, the merges CLIP applies to
+    those words (in CLIP's order) and the two special tokens: the given words tokenize exactly as
+    with the full tokenizer, any other text still tokenizes (into smaller pieces, never to unknown),
+    and a text encoder needs a few hundred embedding rows instead of 49408. Ids are renumbered densely.
+    """
     from transformers import CLIPTokenizerFast
 
     with gzip.open(clip_bpe_path(), "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_encoder = _bytes_to_unicode()
+    byte_chars = list(byte_encoder.values())
+    if words is not None:
+        ranks = {m: i for i, m in enumerate(merges)}
+        keep: set[tuple[str, str]] = set()
+        for w in set(words):
+            if w:
+                keep.update(_bpe_merges_used("".join(byte_encoder[b] for b in w.lower().encode("utf-8")), ranks))
+        merges = [m for m in merges if m in keep]
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408, len(vocab)
+    assert words is not None or len(vocab) == 49408, len(vocab)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(
             json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,8 +41,8 @@ import numpy as np
 from ..testing import SMALL_VAE
 from . import data, evaluate
 
+# vocab_size and the special token ids come from the trimmed tokenizer (``_text_encoder_config``).
 TEXT_ENCODER = dict(
-    vocab_size=49408,
     hidden_size=128,
     intermediate_size=512,
     num_hidden_layers=3,
@@ -49,9 +50,6 @@ TEXT_ENCODER = dict(
     max_position_embeddings=77,
     hidden_act="quick_gelu",
     projection_dim=128,
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=49407,
 )
 UNET = dict(
     sample_size=16,
@@ -65,15 +63,54 @@ UNET = dict(
     attention_head_dim=4,  # diffusers' SD1 naming: this is the number of heads
     norm_num_groups=32,
 )
-# The test checkpoints' small VAE: four blocks, so 128 px images give 16x16x4 latents.
-VAE = dict(SMALL_VAE)
+# Four blocks, so 128 px images give 16x16x4 latents; narrow at full resolution (where a VAE spends
+# its time) and without the mid-block attention: flat-coloured shapes need neither.
+VAE = dict(SMALL_VAE, block_out_channels=[16, 32, 64, 64], norm_num_groups=16, mid_block_add_attention=False)
 TOKENIZER_PAD = "<|endoftext|>"
+# Zero terminal SNR with v-prediction and trailing timesteps (Lin et al., "Common Diffusion Noise
+# Schedules and Sample Steps are Flawed"). With SD 1.5's schedule the most-noised training latent
+# still carries its mean, so a model reads the background colour off the initial noise instead of
+# the prompt; the first training run (SD 1.5 schedule, epsilon) got 3% of backgrounds right.
+SCHEDULER = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "_diffusers_version": "0.42.1",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+    "steps_offset": 1,
+    "trained_betas": None,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+}
 
 
 def _scheduler_config() -> dict:
-    from ..testing import SD15_SCHEDULER
+    return dict(SCHEDULER)
 
-    return dict(SD15_SCHEDULER)
+
+def vocabulary(n_scenes: int = 3000, seed: int = 0) -> set[str]:
+    """Every word the caption templates use (the tokenizer is trimmed to these, see ``write_clip_tokenizer``)."""
+    rng = np.random.default_rng([seed, 0x70C])
+    words: set[str] = set()
+    for _ in range(n_scenes):
+        scene = data.sample_scene(rng, allow="all")
+        for text in (data.caption(scene, rng), data.full_caption(scene)):
+            words.update(re.findall(r"[a-z]+", text.lower()))
+    return words
+
+
+def _text_encoder_config(tokenizer) -> dict:
+    return dict(
+        TEXT_ENCODER,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 class _Clock:
@@ -205,12 +242,16 @@ def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Gene
     from tqdm import tqdm
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    te = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER))
+    te = CLIPTextModel(CLIPTextConfig(**_text_encoder_config(tokenizer)))
     unet = UNet2DConditionModel(**UNET)
     te.train()
     unet.train()
     noise_sched = DDPMScheduler.from_config(_scheduler_config())
     acp = noise_sched.alphas_cumprod.float()
+    snr = acp / (1 - acp).clamp_min(1e-12)
+    # v-prediction loss weighted by min(1, gamma / SNR): full weight where the picture's layout and
+    # colours are decided (high noise), less on the nearly clean steps (min-SNR weighting, Hang et al.).
+    loss_w = (args.snr_gamma / snr.clamp_min(1e-12)).clamp(max=1.0)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2, betas=(0.9, 0.99))
     ema = _EMA(params, args.ema) if args.ema > 0 else None
@@ -232,7 +273,8 @@ def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Gene
             g["lr"] = lr
         cond = te(ids)[0]
         pred = unet(xt, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * loss_w[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -315,30 +357,47 @@ def quick_eval(ckpt: Path, n: int, seed: int, log) -> dict:
     return res
 
 
+def vae_check(vae, n: int, seed: int, log) -> dict:
+    """The evaluator on the VAE's reconstructions of held-out ground truth: what the UNet can at best reach."""
+    import torch
+
+    scenes = data.held_out_scenes(n, seed)
+    gt = np.stack([data.render(s) for s in scenes])
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(_to_tensor(gt)).latent_dist.mean).sample
+    rec = ((rec.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    acc = evaluate.accuracy(rec, [data.full_caption(s) for s in scenes])
+    log(f"vae reconstruction of {n} held-out scenes: " + " ".join(f"{k} {v:.3f}" for k, v in acc.items() if k != "n"))
+    return acc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdrt.export.default_model.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-minutes", type=float, default=8.0)
-    ap.add_argument("--unet-minutes", type=float, default=35.0)
+    ap.add_argument("--vae-minutes", type=float, default=10.0)
+    ap.add_argument("--unet-minutes", type=float, default=65.0)
     ap.add_argument("--vae-steps", type=int, default=None, help="fixed VAE step count (overrides --vae-minutes)")
     ap.add_argument("--unet-steps", type=int, default=None, help="fixed UNet step count (overrides --unet-minutes)")
-    ap.add_argument("--batch", type=int, default=64, help="UNet batch size")
-    ap.add_argument("--vae-batch", type=int, default=None, help="VAE batch size (default: min(16, --batch))")
-    ap.add_argument("--vae-crop", type=int, default=64, help="side of the random crops the VAE trains on")
+    ap.add_argument("--batch", type=int, default=32, help="UNet batch size")
+    ap.add_argument("--vae-batch", type=int, default=None, help="VAE batch size (default: min(8, --batch))")
+    ap.add_argument("--vae-crop", type=int, default=data.SIZE,
+                    help="side of the random crops the VAE trains on (default: whole images; the first run's 64 px "
+                         "crops reconstructed whole images badly)")
     ap.add_argument("--n-train", type=int, default=6000, help="training scenes rendered (and encoded)")
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--unet-lr", type=float, default=1.5e-3)
     ap.add_argument("--kl", type=float, default=1e-5)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--ema", type=float, default=0.995, help="EMA decay of the UNet/text-encoder weights (0: off)")
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--snr-gamma", type=float, default=5.0, help="loss weight min(1, gamma / SNR)")
+    ap.add_argument("--ema", type=float, default=0.998, help="EMA decay of the UNet/text-encoder weights (0: off)")
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--eval-n", type=int, default=32, help="prompts per evaluation set (0: skip)")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if args.vae_batch is None:
-        args.vae_batch = min(16, args.batch)
+        args.vae_batch = min(8, args.batch)
 
     import torch
     from transformers import CLIPTokenizer
@@ -355,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    write_clip_tokenizer(out / "tokenizer", TOKENIZER_PAD)
+    write_clip_tokenizer(out / "tokenizer", TOKENIZER_PAD, words=vocabulary())
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
 
     log(f"rendering {args.n_train} training scenes")
@@ -363,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     log("stage 1: VAE")
     vae, _ = train_vae(images, args, rng, log)
 
+    if args.eval_n > 0:
+        vae_check(vae, args.eval_n, args.seed, log)
     log("encoding the training set")
     latents = encode_all(vae, images)
     del images
