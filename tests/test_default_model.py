@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from sdrt.export.default_model import evaluate
+from sdrt.export.default_model import data, evaluate, report
 from sdrt.runtime.default_model import DEFAULT_MODEL_DIR, default_model_dir
 
 pytestmark = pytest.mark.skipif(default_model_dir() is None, reason="the default model is not installed (train it with "
@@ -63,3 +63,24 @@ def test_colours_and_shapes_come_out_as_asked(pipe):
     images = pipe(PROMPTS, num_inference_steps=20, seed=0, output_type="np").images
     acc = evaluate.accuracy(images, PROMPTS)
     assert acc["colour"] >= 5 / 6 and acc["shape"] >= 4 / 6, acc
+
+
+def test_raising_guidance_raises_accuracy(pipe):
+    """Classifier-free guidance acts: the same held-out prompts and latents at guidance 1 (the
+    conditional prediction alone) and 7.5, scored on colour + shape + position + background."""
+    prompts = data.held_out_prompts(12, 5)
+    latents = report.initial_latents(len(prompts), 5)
+
+    def score(g):
+        acc = evaluate.accuracy(report.sdrt_images(pipe, prompts, latents, 20, g), prompts)
+        return sum(acc[k] for k in ("colour", "shape", "position", "background"))
+
+    low, high = score(1.0), score(7.5)
+    assert high > low + 0.3, (low, high)
+
+
+def test_a_colour_named_in_the_negative_prompt_is_avoided(pipe):
+    """For prompts naming no colour, the colour the model draws most often is put in the negative
+    prompt: the share of objects drawn in it must at least halve."""
+    neg = report.negative_prompt_effect(pipe, 20, 7.5, seed=0)
+    assert neg["share_after"] <= neg["share_before"] / 2, neg

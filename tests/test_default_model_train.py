@@ -31,7 +31,10 @@ def test_train_smoke(tmp_path, capsys):
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
-    assert sched["_class_name"] == "PNDMScheduler" and sched.get("prediction_type", "epsilon") == "epsilon"
+    assert sched["_class_name"] == "DPMSolverMultistepScheduler" and sched["prediction_type"] == "v_prediction"
+    assert sched["rescale_betas_zero_snr"] and sched["timestep_spacing"] == "trailing"
+    te_cfg = json.loads((out / "text_encoder" / "config.json").read_text())
+    assert te_cfg["vocab_size"] < 1000  # the trimmed tokenizer's vocabulary, not CLIP's 49408
     vae_cfg = json.loads((out / "vae" / "config.json").read_text())
     assert vae_cfg["scaling_factor"] > 0 and len(vae_cfg["block_out_channels"]) == 4
 
@@ -43,3 +46,25 @@ def test_train_smoke(tmp_path, capsys):
     ).images[0]
     assert img.shape == (128, 128, 3)
     assert np.isfinite(img).all()
+
+
+def test_trimmed_tokenizer_tokenizes_every_caption_as_clip_does(tmp_path):
+    """The default model's tokenizer keeps only the merges its caption words need: those words get
+    CLIP's own tokens, anything else still tokenizes (bytes), never to unknown."""
+    from transformers import CLIPTokenizer
+
+    from sdrt.export.default_model import data, train
+    from sdrt.export.testing import write_clip_tokenizer
+
+    write_clip_tokenizer(tmp_path / "small", train.TOKENIZER_PAD, words=train.vocabulary())
+    write_clip_tokenizer(tmp_path / "full", train.TOKENIZER_PAD)
+    small = CLIPTokenizer.from_pretrained(tmp_path / "small")
+    full = CLIPTokenizer.from_pretrained(tmp_path / "full")
+    assert len(small) < 1000 and (small.bos_token_id, small.eos_token_id) == (len(small) - 2, len(small) - 1)
+    rng = np.random.default_rng(3)
+    texts = data.held_out_prompts(20, 1) + data.train_dist_prompts(20, 1)
+    texts += [data.caption(data.sample_scene(rng), rng) for _ in range(200)] + ["A RED Circle, in the middle!"]
+    for text in texts:
+        assert small.tokenize(text) == full.tokenize(text), text
+    ids = small("a zebra 42 ünïcode").input_ids
+    assert small.unk_token_id not in ids[1:-1] and len(ids) > 6

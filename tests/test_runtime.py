@@ -98,6 +98,19 @@ def test_optimized_graph_is_cached_and_reused(model_dir, tmp_path):
     np.testing.assert_allclose(first, second, atol=1e-5)
 
 
+def test_the_default_model_caches_in_the_user_cache_even_from_a_source_checkout(tmp_path, monkeypatch):
+    import sdrt.runtime.default_model as dm
+    from sdrt.runtime.backends.onnxruntime import _writable_cache_root
+
+    model = tmp_path / "assets" / "default-model"
+    model.mkdir(parents=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _writable_cache_root(model) == model / "cache"  # an ordinary writable model: beside it
+    monkeypatch.setattr(dm, "DEFAULT_MODEL_DIR", model)
+    assert _writable_cache_root(model) == tmp_path / "xdg" / "sdrt"
+    assert not (model / "cache").exists() or not any((model / "cache").iterdir())
+
+
 def test_vae_encoder_is_only_opened_for_image_to_image(model_dir):
     pipe = Pipeline.load(model_dir("sd1"))
     _gen(pipe)

@@ -341,6 +341,12 @@ def held_out_scenes(n: int, seed: int = 0) -> list[Scene]:
     return [sample_scene(rng, allow="held_out") for _ in range(n)]
 
 
+def train_dist_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` fully specified captions of fresh training-distribution scenes (not the training set's)."""
+    rng = np.random.default_rng([seed, 0x7A1])
+    return [full_caption(sample_scene(rng, allow="train")) for _ in range(n)]
+
+
 # --- prompt parsing ---------------------------------------------------------------------------
 
 

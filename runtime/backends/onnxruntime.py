@@ -46,10 +46,14 @@ def cuda_available() -> bool:
 
 
 def _writable_cache_root(model_dir: Path) -> Path | None:
-    """Optimized graphs are cached beside the model; a model installed as package data, or in a
-    read-only directory, caches under the user's cache folder instead."""
+    """Optimized graphs are cached beside the model; a model installed as package data (the default
+    model included), or in a read-only directory, caches under the user's cache folder instead."""
     user = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdrt"
-    installed = any(part in ("site-packages", "dist-packages") for part in model_dir.resolve().parts)
+    from ..default_model import DEFAULT_MODEL_DIR
+
+    resolved = model_dir.resolve()
+    installed = any(part in ("site-packages", "dist-packages") for part in resolved.parts)
+    installed = installed or resolved == DEFAULT_MODEL_DIR.resolve()  # package data, even in a source checkout
     for root in ((user,) if installed else (model_dir / "cache", user)):
         try:
             root.mkdir(parents=True, exist_ok=True)
