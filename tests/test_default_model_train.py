@@ -20,12 +20,12 @@ def test_train_smoke(tmp_path, capsys):
 
     out = tmp_path / "ckpt"
     rc = train.main(
-        ["--out", str(out), "--seed", "0", "--vae-minutes", "0.05", "--unet-minutes", "0.05", "--batch", "2",
+        ["--out", str(out), "--seed", "0", "--vae-minutes", "0.05", "--unet-minutes", "0.05", "--decoder-minutes", "0.05", "--batch", "2",
          "--n-train", "16", "--eval-n", "2", "--log-every", "5"]
     )
     assert rc == 0
     log = capsys.readouterr().out
-    assert "scaling_factor" in log and "eval held_out" in log and "eval train_dist" in log
+    assert "scaling_factor" in log and "eval held_out" in log and "eval train_dist" in log and "decoder done" in log
     for sub in ("text_encoder", "tokenizer", "unet", "vae", "scheduler"):
         assert (out / sub).is_dir(), sub
     index = json.loads((out / "model_index.json").read_text())

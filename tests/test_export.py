@@ -291,6 +291,13 @@ def test_real_install_puts_only_the_sdrt_namespace_in_site_packages(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(target)}, cwd=tmp_path,
                          capture_output=True, text=True, check=True)
     assert res.stdout.strip().startswith(str(target))
+    src_model = repo / "runtime" / "assets" / "default-model"
+    if (src_model / "sdrt.json").is_file():  # the built-in default model travels as package data
+        def files(root):
+            return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "cache" not in p.parts)
+
+        installed = target / "sdrt" / "runtime" / "assets" / "default-model"
+        assert files(installed) == files(src_model)
 
 
 def test_fp16_export_halves_text_encoder_and_unet_and_keeps_the_vae_fp32(checkpoint, tmp_path):
