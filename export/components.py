@@ -114,8 +114,12 @@ def components_for(ckpt, max_length: int = 77) -> list[Component]:
     te_dim = ckpt.text_encoder.config.hidden_size
     comps = []
 
+    # token ids valid for every text encoder (a trimmed vocabulary, like the default model's, is smaller)
+    encoders = [ckpt.text_encoder] + ([ckpt.text_encoder_2] if getattr(ckpt, "text_encoder_2", None) is not None else [])
+    vocab = min(te.config.vocab_size for te in encoders)
+
     def ids(b, h, w):
-        return (torch.randint(0, 49408, (b, L), dtype=torch.int32),)
+        return (torch.randint(0, vocab, (b, L), dtype=torch.int32),)
 
     te_mode = "penultimate" if xl else "last"
     te_out = "hidden_states" if xl else "last_hidden_state"

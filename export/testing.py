@@ -22,6 +22,7 @@ import gzip
 import importlib.util
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -260,8 +261,9 @@ def _bpe_merges_used(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple
 def write_clip_tokenizer(out_dir: Path, pad_token: str, words: Iterable[str] | None = None) -> None:
     """Write the CLIP tokenizer (vocab.json, merges.txt, tokenizer.json) as openai/clip-vit-large-patch14 has it.
 
-    With ``words``, the vocabulary is trimmed to the 512 byte-level tokens, the merges CLIP applies to
-    those words (in CLIP's order) and the two special tokens: the given words tokenize exactly as
+    With ``words`` (texts split into CLIP's pre-tokens: runs of letters, single digits, runs of other
+    symbols), the vocabulary is trimmed to the 512 byte-level tokens, the merges CLIP applies to
+    those pre-tokens (in CLIP's order) and the two special tokens: the given words tokenize exactly as
     with the full tokenizer, any other text still tokenizes (into smaller pieces, never to unknown),
     and a text encoder needs a few hundred embedding rows instead of 49408. Ids are renumbered densely.
     """
@@ -275,7 +277,7 @@ def write_clip_tokenizer(out_dir: Path, pad_token: str, words: Iterable[str] | N
     if words is not None:
         ranks = {m: i for i, m in enumerate(merges)}
         keep: set[tuple[str, str]] = set()
-        for w in set(words):
+        for w in {t for text in words for t in re.findall(r"[^\W\d_]+|\d|[^\s\w]+|_+", text.lower())}:
             if w:
                 keep.update(_bpe_merges_used("".join(byte_encoder[b] for b in w.lower().encode("utf-8")), ranks))
         merges = [m for m in merges if m in keep]

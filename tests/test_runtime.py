@@ -105,10 +105,12 @@ def test_the_default_model_caches_in_the_user_cache_even_from_a_source_checkout(
     model = tmp_path / "assets" / "default-model"
     model.mkdir(parents=True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert _writable_cache_root(model) == model / "cache"  # an ordinary writable model: beside it
     monkeypatch.setattr(dm, "DEFAULT_MODEL_DIR", model)
     assert _writable_cache_root(model) == tmp_path / "xdg" / "sdrt"
-    assert not (model / "cache").exists() or not any((model / "cache").iterdir())
+    assert not (model / "cache").exists()  # nothing is written into the package data
+    other = tmp_path / "other-model"
+    other.mkdir()
+    assert _writable_cache_root(other) == other / "cache"  # an ordinary writable model: beside it
 
 
 def test_vae_encoder_is_only_opened_for_image_to_image(model_dir):

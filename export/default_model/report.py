@@ -6,16 +6,16 @@ for sdrt's runtime and for diffusers on the same checkpoint, from the same initi
 
 ``--model`` is an sdrt model directory (default: the shipped default model); ``--checkpoint`` the
 diffusers checkpoint it was exported from (optional: without it only sdrt runs, and no torch is
-needed). Prompts are ``data.held_out_prompts`` (every (colour, shape) or (shape, position) pairing
-in them was never seen in training) and ``data.train_dist_prompts`` (fresh scenes of the training
-distribution), fully specified. Both runtimes start every image from the same numpy latents, so
+needed). Prompts are ``data.held_out_prompts`` (each has at least one object whose (colour, shape)
+or (shape, position) pairing never occurs in training) and ``data.train_dist_prompts`` (fresh
+scenes of the training distribution), fully specified. Both runtimes start every image from the same numpy latents, so
 their accuracies must agree (the report gives the largest pixel difference between them). Scores
 come from ``evaluate.accuracy``: per attribute, the fraction of the objects (or prompts, for the
 background) the image got right.
 
-It also measures the negative prompt: for prompts that name no colour, the colour the model draws
-most often is put in the negative prompt, and the share of objects drawn in it is reported before
-and after.
+It also measures the negative prompt (at the largest guidance given): for prompts that name no
+colour, the colour the model draws most often is put in the negative prompt, and the share of
+images whose (largest) object is drawn in it is reported before and after.
 """
 
 from __future__ import annotations
@@ -68,18 +68,19 @@ def load_diffusers(checkpoint: Path):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def negative_prompt_effect(pipe, steps: int, guidance: float, seed: int) -> dict:
-    """Share of objects in the model's favourite colour for colourless prompts, without and with
-    that colour as the negative prompt."""
+    """Share of images whose largest object has the model's favourite colour (for colourless prompts),
+    without and with that colour as the negative prompt."""
     latents = initial_latents(len(COLOURLESS), seed + 1)
     before = sdrt_images(pipe, COLOURLESS, latents, steps, guidance)
     colours = [c.colour for img in before for c in evaluate.analyse(img, classify=False).components[:1]]
+    if not colours:
+        raise RuntimeError("no object found in any image of the colourless prompts")
     top, _ = Counter(colours).most_common(1)[0]
     after = sdrt_images(pipe, COLOURLESS, latents, steps, guidance, negative=[top] * len(COLOURLESS))
     after_colours = [c.colour for img in after for c in evaluate.analyse(img, classify=False).components[:1]]
@@ -151,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.grid.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(grid(imgs[:16])).save(args.grid)
                 report["grid_prompts"] = prompts[:16]
-    neg = negative_prompt_effect(pipe, args.steps, scales[-1], args.seed)
+    neg = negative_prompt_effect(pipe, args.steps, max(scales), args.seed)
     report["negative_prompt"] = neg
     print(f"negative prompt {neg['colour']!r} on {neg['n']} colourless prompts: objects in that colour "
-          f"{neg['share_before']:.2f} -> {neg['share_after']:.2f}")
+          f"{neg['share_before']:.2f} -> {neg['share_after']:.2f} (guidance {max(scales):g})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -13,8 +13,8 @@ config with zero terminal SNR, v-prediction and trailing timesteps. It is writte
 ``sdrt.export.testing`` writes its test checkpoints, so ``StableDiffusionPipeline.from_pretrained(DIR)``
 loads it and ``sdrt export DIR`` exports it.
 
-Training, on CPU, each stage budgeted by wall clock (``--vae-steps`` / ``--unet-steps`` fix the step
-counts instead, for bit-exact reruns):
+Training, on CPU, each stage budgeted by wall clock (``--vae-steps`` / ``--unet-steps`` /
+``--decoder-steps`` fix the step counts instead, for bit-exact reruns):
 
 1. a training set of ``--n-train`` scenes (``data.make_dataset(allow="train")``: held-out combinations
    never appear) is rendered once;
@@ -24,7 +24,7 @@ counts instead, for bit-exact reruns):
    The evaluator then scores the VAE's reconstructions of held-out scenes (the UNet's ceiling), and
    the latent scaling factor is set to 1 / (std of the encoded latents), as Stable Diffusion did;
 3. the VAE is frozen and the whole set is encoded once (latent means); the UNet and the text encoder
-   train jointly on the v-prediction MSE weighted by min(1, 5 / SNR), with each step drawing a fresh
+   train jointly on the v-prediction MSE weighted by min(1, gamma / SNR) (``--snr-gamma``, 5), with each step drawing a fresh
    caption of every scene (``data.caption`` varies the wording and what is stated) and dropping ~10%
    of captions to "" for classifier-free guidance; AdamW, linear warmup then cosine decay, an EMA of
    the weights (saved);
@@ -156,6 +156,10 @@ def _lr_at(base: float, step: int, progress: float, warmup: int, final_frac: flo
     return base * w * cos
 
 
+def _fmt_loss(v: float | None) -> str:
+    return "n/a (no steps)" if v is None else f"{v:.5f}"
+
+
 def _to_tensor(images_u8: np.ndarray):
     import torch
 
@@ -213,7 +217,7 @@ def train_vae(images: np.ndarray, args, rng: np.random.Generator, log):
             log(f"vae step {step} ({clock.elapsed():.0f}s): loss {run_loss:.5f} l1 {float(l1):.5f} "
                 f"l2 {float(l2):.5f} kl/dim {float(kl):.3f} lr {lr:.2e}")
     bar.close()
-    log(f"vae done: {step} steps in {clock.elapsed():.0f}s, final loss (ema) {run_loss:.5f}")
+    log(f"vae done: {step} steps in {clock.elapsed():.0f}s, final loss (ema) {_fmt_loss(run_loss)}")
     vae.eval()
     for p in vae.parameters():
         p.requires_grad_(False)
@@ -256,7 +260,7 @@ def refine_decoder(vae, images: np.ndarray, args, rng: np.random.Generator, log)
         if step % args.log_every == 0:
             log(f"decoder step {step} ({clock.elapsed():.0f}s): loss {run_loss:.5f} lr {lr:.2e}")
     bar.close()
-    log(f"decoder done: {step} steps in {clock.elapsed():.0f}s, final loss (ema) {run_loss}")
+    log(f"decoder done: {step} steps in {clock.elapsed():.0f}s, final loss (ema) {_fmt_loss(run_loss)}")
     for p in params:
         p.requires_grad_(False)
     vae.eval()
@@ -315,7 +319,9 @@ def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Gene
     acp = noise_sched.alphas_cumprod.float()
     snr = acp / (1 - acp).clamp_min(1e-12)
     # v-prediction loss weighted by min(1, gamma / SNR): full weight where the picture's layout and
-    # colours are decided (high noise), less on the nearly clean steps (min-SNR weighting, Hang et al.).
+    # colours are decided (high noise, the zero-SNR step included), less on the nearly clean steps.
+    # (Hang et al.'s min-SNR weights in their epsilon form; their v form, min(SNR, gamma) / (SNR + 1),
+    # would give the pure-noise step no weight at all.)
     loss_w = (args.snr_gamma / snr.clamp_min(1e-12)).clamp(max=1.0)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2, betas=(0.9, 0.99))
@@ -354,7 +360,7 @@ def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Gene
         if step % args.log_every == 0:
             log(f"unet step {step} ({clock.elapsed():.0f}s): loss {run_loss:.5f} lr {lr:.2e}")
     bar.close()
-    log(f"unet done: {step} steps in {clock.elapsed():.0f}s, final loss (ema) {run_loss:.5f}")
+    log(f"unet done: {step} steps in {clock.elapsed():.0f}s, final loss (ema) {_fmt_loss(run_loss)}")
     if ema is not None:
         ema.copy_to()
     te.eval()
@@ -444,6 +450,7 @@ def _refine_only(ckpt: Path, args, log) -> int:
     if args.eval_n > 0:
         vae_check(vae, args.eval_n, args.seed, log)
     vae.save_pretrained(ckpt / "vae")
+    log(f"rewrote {ckpt / 'vae'}; export the checkpoint again (sdrt export) to use it")
     if args.eval_n > 0:
         quick_eval(ckpt, args.eval_n, args.seed, log)
     return 0
@@ -470,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decoder-lr", type=float, default=5e-4)
     ap.add_argument("--decoder-latent-noise", type=float, default=0.03)
     ap.add_argument("--refine-decoder-of", type=Path, default=None, metavar="CKPT",
-                    help="run only stage 3 on an existing checkpoint's VAE (rewritten in place), then evaluate")
+                    help="run only stage 3 on an existing checkpoint's VAE (rewritten in place), then evaluate; "
+                         "uses --seed, --n-train and the --decoder-* options, nothing else")
     ap.add_argument("--unet-lr", type=float, default=1.5e-3)
     ap.add_argument("--kl", type=float, default=1e-5)
     ap.add_argument("--warmup", type=int, default=200)
