@@ -304,15 +304,32 @@ class _EMA:
                 p.copy_(s)
 
 
-def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Generator, log):
+def object_weights(images: np.ndarray, scenes, weight: float) -> np.ndarray:
+    """(N, 16, 16) loss weights: 1 + ``weight`` on latent pixels that touch an object. The objects are
+    a small part of each image; unweighted, the loss is mostly background and the model learns the
+    background and the layout long before the objects' colours and shapes."""
+    side = data.SIZE // 8
+    out = np.ones((len(images), side, side), np.float32)
+    for i, (img, scene) in enumerate(zip(images, scenes)):
+        bg = np.asarray(data.PALETTE[scene.background], np.float32)
+        mask = np.abs(img.astype(np.float32) - bg).max(axis=-1) > 40
+        out[i] += weight * mask.reshape(side, 8, side, 8).any(axis=(1, 3))
+    return out
+
+
+def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Generator, log, te=None, unet=None,
+               pixel_weights: np.ndarray | None = None):
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from tqdm import tqdm
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    te = CLIPTextModel(CLIPTextConfig(**_text_encoder_config(tokenizer)))
-    unet = UNet2DConditionModel(**UNET)
+    te = te if te is not None else CLIPTextModel(CLIPTextConfig(**_text_encoder_config(tokenizer)))
+    unet = unet if unet is not None else UNet2DConditionModel(**UNET)
+    for p in list(te.parameters()) + list(unet.parameters()):
+        p.requires_grad_(True)
+    pw = None if pixel_weights is None else torch.from_numpy(pixel_weights)
     te.train()
     unet.train()
     noise_sched = DDPMScheduler.from_config(_scheduler_config())
@@ -345,7 +362,11 @@ def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Gene
         cond = te(ids)[0]
         pred = unet(xt, t, encoder_hidden_states=cond).sample
         target = a.sqrt() * noise - (1 - a).sqrt() * x0
-        loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * loss_w[t]).mean()
+        err = F.mse_loss(pred, target, reduction="none").mean(dim=1)
+        if pw is not None:
+            w = pw[idx]
+            err = err * w / w.mean(dim=(1, 2), keepdim=True)
+        loss = (err.mean(dim=(1, 2)) * loss_w[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -485,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snr-gamma", type=float, default=5.0, help="loss weight min(1, gamma / SNR)")
     ap.add_argument("--ema", type=float, default=0.998, help="EMA decay of the UNet/text-encoder weights (0: off)")
     ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--object-weight", type=float, default=0.0,
+                    help="extra UNet loss weight on latent pixels covering objects (0: plain loss)")
+    ap.add_argument("--resume", type=Path, default=None, metavar="CKPT",
+                    help="continue stage 2 from a checkpoint's text encoder, UNet and VAE (stage 1 skipped), "
+                         "then stage 3; writes --out")
     ap.add_argument("--eval-n", type=int, default=32, help="prompts per evaluation set (0: skip)")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
@@ -514,20 +540,35 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"rendering {args.n_train} training scenes")
     images, _, scenes = data.make_dataset(args.n_train, seed=args.seed, allow="train")
-    log("stage 1: VAE")
-    vae, _ = train_vae(images, args, rng, log)
+    te = unet = None
+    if args.resume is not None:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
 
-    if args.eval_n > 0:
-        vae_check(vae, args.eval_n, args.seed, log)
-    log("encoding the training set")
-    latents = encode_all(vae, images)
-    std = float(latents.std())
-    args.scaling_factor = 1.0 / std
-    vae.register_to_config(scaling_factor=args.scaling_factor)
-    log(f"latent mean {float(latents.mean()):.4f} std {std:.4f} -> scaling_factor {args.scaling_factor:.5f}")
+        log(f"resuming from {args.resume}")
+        vae = AutoencoderKL.from_pretrained(args.resume / "vae").eval()
+        for p in vae.parameters():
+            p.requires_grad_(False)
+        te = CLIPTextModel.from_pretrained(args.resume / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(args.resume / "unet")
+        rng = np.random.default_rng([args.seed, 2])  # fresh draws, not the first run's again
+        latents = encode_all(vae, images)
+        args.scaling_factor = float(vae.config.scaling_factor)
+    else:
+        log("stage 1: VAE")
+        vae, _ = train_vae(images, args, rng, log)
+        if args.eval_n > 0:
+            vae_check(vae, args.eval_n, args.seed, log)
+        log("encoding the training set")
+        latents = encode_all(vae, images)
+        std = float(latents.std())
+        args.scaling_factor = 1.0 / std
+        vae.register_to_config(scaling_factor=args.scaling_factor)
+        log(f"latent mean {float(latents.mean()):.4f} std {std:.4f} -> scaling_factor {args.scaling_factor:.5f}")
 
     log("stage 2: UNet + text encoder")
-    te, unet, _ = train_unet(latents, scenes, tokenizer, args, rng, log)
+    weights = object_weights(images, scenes, args.object_weight) if args.object_weight > 0 else None
+    te, unet, _ = train_unet(latents, scenes, tokenizer, args, rng, log, te=te, unet=unet, pixel_weights=weights)
     del latents
     if args.decoder_minutes > 0 or args.decoder_steps:
         log("stage 3: decoder refinement")
