@@ -65,7 +65,6 @@ def diffusers_images(pipe, prompts, latents, steps: int, guidance: float, batch:
 
 
 def load_diffusers(checkpoint: Path):
-    import torch
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None, requires_safety_checker=False)
