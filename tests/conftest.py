@@ -4,6 +4,9 @@ their exported model directories (built once per test session)."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,25 @@ def model_dir(tmp_path_factory, checkpoint):
         return _session_cache(tmp_path_factory, "model", family, build)
 
     return make
+
+
+_BLOCK_HEAVY_IMPORTS = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "diffusers", "transformers"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+@pytest.fixture
+def run_torch_free():
+    """``run(code, cwd)``: run Python ``code`` in a fresh interpreter where torch, diffusers and
+    transformers cannot be imported; returns the CompletedProcess (text output captured)."""
+
+    def run(code: str, cwd) -> subprocess.CompletedProcess:
+        script = _BLOCK_HEAVY_IMPORTS + textwrap.dedent(code)
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd)
+
+    return run

@@ -160,6 +160,51 @@ def _fmt_loss(v: float | None) -> str:
     return "n/a (no steps)" if v is None else f"{v:.5f}"
 
 
+class _Stage:
+    """One training stage's loop bookkeeping: step budget, lr schedule, the optimizer step with
+    gradient clipping, a smoothed loss, the progress bar and the periodic log line."""
+
+    def __init__(self, name: str, params, opt, clock: _Clock, log, log_every: int, smoothing: float):
+        from tqdm import tqdm
+
+        self.name, self.params, self.opt, self.clock = name, list(params), opt, clock
+        self.log, self.log_every, self.smoothing = log, log_every, smoothing
+        self.bar = tqdm(desc=name, unit="step", file=sys.stderr, mininterval=2.0)
+        self.step, self.run_loss, self.lr = 0, None, 0.0
+
+    def running(self) -> bool:
+        return not self.clock.done(self.step)
+
+    def set_lr(self, base: float, warmup: int) -> float:
+        self.lr = _lr_at(base, self.step, self.clock.progress(self.step), warmup=warmup)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr
+        return self.lr
+
+    def update(self, loss, postfix: dict | None = None, detail: str = "") -> None:
+        import torch
+
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.step += 1
+        v = loss.item()
+        a = self.smoothing
+        self.run_loss = v if self.run_loss is None else a * self.run_loss + (1 - a) * v
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{self.run_loss:.4f}", **(postfix or {}), lr=f"{self.lr:.1e}", refresh=False)
+        if self.step % self.log_every == 0:
+            self.log(f"{self.name} step {self.step} ({self.clock.elapsed():.0f}s): loss {self.run_loss:.5f} "
+                     f"{detail}lr {self.lr:.2e}")
+
+    def close(self) -> int:
+        self.bar.close()
+        self.log(f"{self.name} done: {self.step} steps in {self.clock.elapsed():.0f}s, "
+                 f"final loss (ema) {_fmt_loss(self.run_loss)}")
+        return self.step
+
+
 def _to_tensor(images_u8: np.ndarray):
     import torch
 
@@ -169,7 +214,6 @@ def _to_tensor(images_u8: np.ndarray):
 def train_vae(images: np.ndarray, args, rng: np.random.Generator, log):
     import torch
     from diffusers import AutoencoderKL
-    from tqdm import tqdm
 
     vae = AutoencoderKL(**VAE)
     # Start with a near-deterministic posterior (std e^-4 instead of 1): with unit noise on latents
@@ -179,13 +223,12 @@ def train_vae(images: np.ndarray, args, rng: np.random.Generator, log):
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
     clock = _Clock(args.vae_minutes, args.vae_steps)
-    bar = tqdm(desc="vae", unit="step", file=sys.stderr, mininterval=2.0)
-    step, run_loss = 0, None
-    while not clock.done(step):
+    stage = _Stage("vae", vae.parameters(), opt, clock, log, args.log_every, 0.95)
+    while stage.running():
         # Random crops first (many scenes per step: it learns several times faster), whole images at
         # the end: GroupNorm statistics of a crop differ from a whole image's, and a VAE trained on
         # crops alone reconstructs whole images badly.
-        whole = args.vae_crop >= data.SIZE or clock.progress(step) >= 1.0 - args.vae_whole_frac
+        whole = args.vae_crop >= data.SIZE or clock.progress(stage.step) >= 1.0 - args.vae_whole_frac
         c = data.SIZE if whole else args.vae_crop
         idx = rng.integers(len(images), size=args.vae_batch)
         if c < data.SIZE:
@@ -194,9 +237,7 @@ def train_vae(images: np.ndarray, args, rng: np.random.Generator, log):
         else:
             batch = images[idx]
         x = _to_tensor(batch)
-        lr = _lr_at(args.vae_lr, step, clock.progress(step), warmup=50)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        stage.set_lr(args.vae_lr, warmup=50)
         post = vae.encode(x).latent_dist
         z = post.sample()
         rec = vae.decode(z).sample
@@ -204,20 +245,9 @@ def train_vae(images: np.ndarray, args, rng: np.random.Generator, log):
         l2 = ((rec - x) ** 2).mean()
         kl = post.kl().mean() / z[0].numel()
         loss = l1 + l2 + args.kl * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        step += 1
-        v = loss.item()
-        run_loss = v if run_loss is None else 0.95 * run_loss + 0.05 * v
-        bar.update(1)
-        bar.set_postfix(loss=f"{run_loss:.4f}", l1=f"{float(l1):.4f}", lr=f"{lr:.1e}", refresh=False)
-        if step % args.log_every == 0:
-            log(f"vae step {step} ({clock.elapsed():.0f}s): loss {run_loss:.5f} l1 {float(l1):.5f} "
-                f"l2 {float(l2):.5f} kl/dim {float(kl):.3f} lr {lr:.2e}")
-    bar.close()
-    log(f"vae done: {step} steps in {clock.elapsed():.0f}s, final loss (ema) {_fmt_loss(run_loss)}")
+        stage.update(loss, postfix={"l1": f"{float(l1):.4f}"},
+                     detail=f"l1 {float(l1):.5f} l2 {float(l2):.5f} kl/dim {float(kl):.3f} ")
+    step = stage.close()
     vae.eval()
     for p in vae.parameters():
         p.requires_grad_(False)
@@ -228,39 +258,22 @@ def refine_decoder(vae, images: np.ndarray, args, rng: np.random.Generator, log)
     """Stage 3: the decoder alone, on whole images. The encoder stays frozen, so the latents the UNet
     learned keep their meaning; only how they are drawn gets sharper (small shapes' outlines)."""
     import torch
-    from tqdm import tqdm
 
     params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0, betas=(0.9, 0.99))
-    clock = _Clock(args.decoder_minutes, args.decoder_steps)
-    bar = tqdm(desc="decoder", unit="step", file=sys.stderr, mininterval=2.0)
-    step, run_loss = 0, None
-    while not clock.done(step):
+    stage = _Stage("decoder", params, opt, _Clock(args.decoder_minutes, args.decoder_steps), log, args.log_every, 0.95)
+    while stage.running():
         x = _to_tensor(images[rng.integers(len(images), size=args.decoder_batch)])
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
             # a little noise: the UNet's latents are never exactly an encoder's
             z = z + args.decoder_latent_noise * z.std() * torch.randn_like(z)
-        lr = _lr_at(args.decoder_lr, step, clock.progress(step), warmup=20)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        stage.set_lr(args.decoder_lr, warmup=20)
         rec = vae.decode(z).sample
-        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        v = loss.item()
-        run_loss = v if run_loss is None else 0.95 * run_loss + 0.05 * v
-        bar.update(1)
-        bar.set_postfix(loss=f"{run_loss:.4f}", lr=f"{lr:.1e}", refresh=False)
-        if step % args.log_every == 0:
-            log(f"decoder step {step} ({clock.elapsed():.0f}s): loss {run_loss:.5f} lr {lr:.2e}")
-    bar.close()
-    log(f"decoder done: {step} steps in {clock.elapsed():.0f}s, final loss (ema) {_fmt_loss(run_loss)}")
+        stage.update((rec - x).abs().mean() + ((rec - x) ** 2).mean())
+    step = stage.close()
     for p in params:
         p.requires_grad_(False)
     vae.eval()
@@ -322,7 +335,6 @@ def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Gene
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from tqdm import tqdm
     from transformers import CLIPTextConfig, CLIPTextModel
 
     te = te if te is not None else CLIPTextModel(CLIPTextConfig(**_text_encoder_config(tokenizer)))
@@ -344,10 +356,8 @@ def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Gene
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2, betas=(0.9, 0.99))
     ema = _EMA(params, args.ema) if args.ema > 0 else None
     lat = torch.from_numpy(latents)
-    clock = _Clock(args.unet_minutes, args.unet_steps)
-    bar = tqdm(desc="unet", unit="step", file=sys.stderr, mininterval=2.0)
-    step, run_loss = 0, None
-    while not clock.done(step):
+    stage = _Stage("unet", params, opt, _Clock(args.unet_minutes, args.unet_steps), log, args.log_every, 0.98)
+    while stage.running():
         idx = rng.integers(len(latents), size=args.batch)
         caps = ["" if rng.random() < args.caption_dropout else data.caption(scenes[i], rng) for i in idx]
         ids = _tokenize(tokenizer, caps)
@@ -356,9 +366,7 @@ def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Gene
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),))
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        lr = _lr_at(args.unet_lr, step, clock.progress(step), warmup=args.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        stage.set_lr(args.unet_lr, warmup=args.warmup)
         cond = te(ids)[0]
         pred = unet(xt, t, encoder_hidden_states=cond).sample
         target = a.sqrt() * noise - (1 - a).sqrt() * x0
@@ -367,21 +375,10 @@ def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Gene
             w = pw[idx]
             err = err * w / w.mean(dim=(1, 2), keepdim=True)
         loss = (err.mean(dim=(1, 2)) * loss_w[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
+        stage.update(loss)
         if ema is not None:
-            ema.update(step)
-        v = loss.item()
-        run_loss = v if run_loss is None else 0.98 * run_loss + 0.02 * v
-        bar.update(1)
-        bar.set_postfix(loss=f"{run_loss:.4f}", lr=f"{lr:.1e}", refresh=False)
-        if step % args.log_every == 0:
-            log(f"unet step {step} ({clock.elapsed():.0f}s): loss {run_loss:.5f} lr {lr:.2e}")
-    bar.close()
-    log(f"unet done: {step} steps in {clock.elapsed():.0f}s, final loss (ema) {_fmt_loss(run_loss)}")
+            ema.update(stage.step)
+    step = stage.close()
     if ema is not None:
         ema.copy_to()
     te.eval()
