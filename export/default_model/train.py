@@ -130,15 +130,18 @@ def _text_encoder_config(tokenizer) -> dict:
 class _Clock:
     """A stage's budget: a fixed step count when given, else wall-clock minutes."""
 
-    def __init__(self, minutes: float, steps: int | None):
+    def __init__(self, minutes: float, steps: int | None, cap_minutes: float | None = None):
         self.t0 = time.monotonic()
         self.budget = minutes * 60.0
         self.steps = steps
+        self.cap = None if cap_minutes is None else cap_minutes * 60.0
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
 
     def done(self, step: int) -> bool:
+        if self.cap is not None and self.elapsed() >= self.cap:
+            return True
         if self.steps is not None:
             return step >= self.steps
         return self.elapsed() >= self.budget
@@ -205,24 +208,24 @@ class _Stage:
         return self.step
 
 
-def _to_tensor(images_u8: np.ndarray):
+def _to_tensor(images_u8: np.ndarray, device="cpu"):
     import torch
 
-    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return torch.from_numpy(images_u8).to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def train_vae(images: np.ndarray, args, rng: np.random.Generator, log):
     import torch
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(**VAE)
+    vae = AutoencoderKL(**VAE).to(args.device)
     # Start with a near-deterministic posterior (std e^-4 instead of 1): with unit noise on latents
     # whose means are a few tenths, the decoder first sees mostly noise and learning crawls.
     with torch.no_grad():
         vae.quant_conv.bias[VAE["latent_channels"] :] = -8.0
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
-    clock = _Clock(args.vae_minutes, args.vae_steps)
+    clock = _Clock(args.vae_minutes, args.vae_steps, args.cap_minutes)
     stage = _Stage("vae", vae.parameters(), opt, clock, log, args.log_every, 0.95)
     while stage.running():
         # Random crops first (many scenes per step: it learns several times faster), whole images at
@@ -236,7 +239,7 @@ def train_vae(images: np.ndarray, args, rng: np.random.Generator, log):
             batch = np.stack([images[i, y : y + c, x : x + c] for i, y, x in zip(idx, oy, ox)])
         else:
             batch = images[idx]
-        x = _to_tensor(batch)
+        x = _to_tensor(batch, args.device)
         stage.set_lr(args.vae_lr, warmup=50)
         post = vae.encode(x).latent_dist
         z = post.sample()
@@ -263,9 +266,10 @@ def refine_decoder(vae, images: np.ndarray, args, rng: np.random.Generator, log)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0, betas=(0.9, 0.99))
-    stage = _Stage("decoder", params, opt, _Clock(args.decoder_minutes, args.decoder_steps), log, args.log_every, 0.95)
+    clock = _Clock(args.decoder_minutes, args.decoder_steps, args.cap_minutes)
+    stage = _Stage("decoder", params, opt, clock, log, args.log_every, 0.95)
     while stage.running():
-        x = _to_tensor(images[rng.integers(len(images), size=args.decoder_batch)])
+        x = _to_tensor(images[rng.integers(len(images), size=args.decoder_batch)], args.device)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
             # a little noise: the UNet's latents are never exactly an encoder's
@@ -286,7 +290,8 @@ def encode_all(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            out.append(vae.encode(_to_tensor(images[i : i + batch])).latent_dist.mean.numpy())
+            x = _to_tensor(images[i : i + batch], vae.device)
+            out.append(vae.encode(x).latent_dist.mean.cpu().numpy())
     return np.concatenate(out).astype(np.float32)
 
 
@@ -337,15 +342,16 @@ def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Gene
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    te = te if te is not None else CLIPTextModel(CLIPTextConfig(**_text_encoder_config(tokenizer)))
-    unet = unet if unet is not None else UNet2DConditionModel(**UNET)
+    dev = args.device
+    te = (te if te is not None else CLIPTextModel(CLIPTextConfig(**_text_encoder_config(tokenizer)))).to(dev)
+    unet = (unet if unet is not None else UNet2DConditionModel(**UNET)).to(dev)
     for p in list(te.parameters()) + list(unet.parameters()):
         p.requires_grad_(True)
-    pw = None if pixel_weights is None else torch.from_numpy(pixel_weights)
+    pw = None if pixel_weights is None else torch.from_numpy(pixel_weights).to(dev)
     te.train()
     unet.train()
     noise_sched = DDPMScheduler.from_config(_scheduler_config())
-    acp = noise_sched.alphas_cumprod.float()
+    acp = noise_sched.alphas_cumprod.float().to(dev)
     snr = acp / (1 - acp).clamp_min(1e-12)
     # v-prediction loss weighted by min(1, gamma / SNR): full weight where the picture's layout and
     # colours are decided (high noise, the zero-SNR step included), less on the nearly clean steps.
@@ -355,15 +361,17 @@ def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Gene
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=1e-2, betas=(0.9, 0.99))
     ema = _EMA(params, args.ema) if args.ema > 0 else None
-    lat = torch.from_numpy(latents)
-    stage = _Stage("unet", params, opt, _Clock(args.unet_minutes, args.unet_steps), log, args.log_every, 0.98)
+    lat = torch.from_numpy(latents).to(dev)
+    clock = _Clock(args.unet_minutes, args.unet_steps, args.cap_minutes)
+    stage = _Stage("unet", params, opt, clock, log, args.log_every, 0.98)
     while stage.running():
         idx = rng.integers(len(latents), size=args.batch)
         caps = ["" if rng.random() < args.caption_dropout else data.caption(scenes[i], rng) for i in idx]
-        ids = _tokenize(tokenizer, caps)
-        x0 = lat[idx] * args.scaling_factor
+        ids = _tokenize(tokenizer, caps).to(dev)
+        tidx = torch.from_numpy(idx).to(dev)
+        x0 = lat[tidx] * args.scaling_factor
         noise = torch.randn_like(x0)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),))
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), device=dev)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         stage.set_lr(args.unet_lr, warmup=args.warmup)
@@ -372,7 +380,7 @@ def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Gene
         target = a.sqrt() * noise - (1 - a).sqrt() * x0
         err = F.mse_loss(pred, target, reduction="none").mean(dim=1)
         if pw is not None:
-            w = pw[idx]
+            w = pw[tidx]
             err = err * w / w.mean(dim=(1, 2), keepdim=True)
         loss = (err.mean(dim=(1, 2)) * loss_w[t]).mean()
         stage.update(loss)
@@ -383,7 +391,7 @@ def train_unet(latents: np.ndarray, scenes, tokenizer, args, rng: np.random.Gene
         ema.copy_to()
     te.eval()
     unet.eval()
-    return te, unet, step
+    return te.cpu(), unet.cpu(), step
 
 
 def save_checkpoint(out: Path, te, unet, vae) -> None:
@@ -409,12 +417,13 @@ def save_checkpoint(out: Path, te, unet, vae) -> None:
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def generate(ckpt: Path, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float = 7.5, batch: int = 16):
+def generate(ckpt: Path, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float = 7.5, batch: int = 16,
+             device: str = "cpu"):
     """Images (float [0, 1], NHWC numpy) for ``prompts`` from the checkpoint, with diffusers."""
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(ckpt)
+    pipe = StableDiffusionPipeline.from_pretrained(ckpt).to(device)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator().manual_seed(seed)
@@ -428,11 +437,11 @@ def generate(ckpt: Path, prompts: list[str], seed: int = 0, steps: int = 20, gui
     return np.concatenate(out)
 
 
-def quick_eval(ckpt: Path, n: int, seed: int, log) -> dict:
+def quick_eval(ckpt: Path, n: int, seed: int, log, device: str = "cpu") -> dict:
     res = {}
     for name, prompts in (("held_out", data.held_out_prompts(n, seed)), ("train_dist", data.train_dist_prompts(n, seed))):
         t = time.monotonic()
-        imgs = generate(ckpt, prompts, seed=seed)
+        imgs = generate(ckpt, prompts, seed=seed, device=device)
         acc = evaluate.accuracy(imgs, prompts)
         res[name] = acc
         log(f"eval {name} (n={acc['n']}, {time.monotonic() - t:.0f}s): "
@@ -447,8 +456,9 @@ def vae_check(vae, n: int, seed: int, log) -> dict:
     scenes = data.held_out_scenes(n, seed)
     gt = np.stack([data.render(s) for s in scenes])
     with torch.no_grad():
-        rec = vae.decode(vae.encode(_to_tensor(gt)).latent_dist.mean).sample
-    rec = ((rec.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+        x = _to_tensor(gt, vae.device)
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    rec = ((rec.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
     acc = evaluate.accuracy(rec, [data.full_caption(s) for s in scenes])
     log(f"vae reconstruction of {n} held-out scenes: " + " ".join(f"{k} {v:.3f}" for k, v in acc.items() if k != "n"))
     return acc
@@ -457,7 +467,7 @@ def vae_check(vae, n: int, seed: int, log) -> dict:
 def _refine_only(ckpt: Path, args, log) -> int:
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(ckpt / "vae")
+    vae = AutoencoderKL.from_pretrained(ckpt / "vae").to(args.device)
     log(f"rendering {args.n_train} training scenes")
     images, _, _ = data.make_dataset(args.n_train, seed=args.seed, allow="train")
     rng = np.random.default_rng([args.seed, 3])
@@ -467,10 +477,10 @@ def _refine_only(ckpt: Path, args, log) -> int:
     refine_decoder(vae, images, args, rng, log)
     if args.eval_n > 0:
         vae_check(vae, args.eval_n, args.seed, log)
-    vae.save_pretrained(ckpt / "vae")
+    vae.cpu().save_pretrained(ckpt / "vae")
     log(f"rewrote {ckpt / 'vae'}; export the checkpoint again (sdrt export) to use it")
     if args.eval_n > 0:
-        quick_eval(ckpt, args.eval_n, args.seed, log)
+        quick_eval(ckpt, args.eval_n, args.seed, log, device=args.device)
     return 0
 
 
@@ -511,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-n", type=int, default=32, help="prompts per evaluation set (0: skip)")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu",
+                    help="torch device to train on (cpu, cuda, cuda:1, ...); the 90-minute budget is for 2 CPU cores")
+    ap.add_argument("--cap-minutes", type=float, default=None,
+                    help="stop any stage after this many minutes even when a fixed step count is not reached")
     args = ap.parse_args(argv)
     if args.out is None and args.refine_decoder_of is None:
         ap.error("--out is required")
@@ -526,6 +540,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - t_start:7.0f}s] {msg}", flush=True)
 
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            ap.error(f"--device {args.device}: this torch build sees no CUDA GPU; use --device cpu")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     if args.refine_decoder_of is not None:
@@ -543,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import CLIPTextModel
 
         log(f"resuming from {args.resume}")
-        vae = AutoencoderKL.from_pretrained(args.resume / "vae").eval()
+        vae = AutoencoderKL.from_pretrained(args.resume / "vae").to(args.device).eval()
         for p in vae.parameters():
             p.requires_grad_(False)
         te = CLIPTextModel.from_pretrained(args.resume / "text_encoder")
@@ -573,11 +592,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_n > 0:
             vae_check(vae, args.eval_n, args.seed, log)
     del images
-    save_checkpoint(out, te, unet, vae)
+    save_checkpoint(out, te, unet, vae.cpu())
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log(f"wrote {out} ({size / 1e6:.1f} MB)")
     if args.eval_n > 0:
-        quick_eval(out, args.eval_n, args.seed, log)
+        quick_eval(out, args.eval_n, args.seed, log, device=args.device)
     log("done")
     return 0
 
