@@ -67,8 +67,6 @@ def test_backgrounds_and_positions_come_out_as_asked(pipe):
     assert acc["background"] == 1.0 and acc["found"] == 1.0 and acc["position"] >= 4 / 6, acc
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6: the shipped model does not yet draw objects' colours and shapes "
-                   "reliably (held-out colour 9%, shape 25%); when this passes, a better model has shipped")
 def test_colours_and_shapes_come_out_as_asked(pipe):
     images = pipe(PROMPTS, num_inference_steps=20, seed=0, output_type="np").images
     acc = evaluate.accuracy(images, PROMPTS)
@@ -77,7 +75,8 @@ def test_colours_and_shapes_come_out_as_asked(pipe):
 
 def test_raising_guidance_raises_accuracy(pipe):
     """Classifier-free guidance acts: the same held-out prompts and latents at guidance 1 (the
-    conditional prediction alone) and 7.5; objects land where the prompt puts them more often."""
+    conditional prediction alone) and 7.5; more images get every asked-for attribute right (the
+    shapes sharpen most; colours and places are right at both)."""
     prompts = data.held_out_prompts(24, 5)
     latents = report.initial_latents(len(prompts), 5)
 
@@ -85,11 +84,11 @@ def test_raising_guidance_raises_accuracy(pipe):
         return evaluate.accuracy(report.sdrt_images(pipe, prompts, latents, 20, g), prompts)
 
     low, high = score(1.0), score(7.5)
-    assert high["position"] > low["position"] + 0.1, (low, high)
+    assert high["all"] > low["all"] + 0.1, (low, high)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6: the shipped model has not learned objects' colours, so a colour "
-                   "in the negative prompt cannot steer them (measured: share 0.25 -> 0.21)")
+@pytest.mark.xfail(strict=True, reason="issue 6: a colour in the negative prompt steers the shipped model away, but "
+                   "not yet by half (measured: share of purple 0.29 -> 0.17); when this passes, remove the mark")
 def test_a_colour_named_in_the_negative_prompt_is_avoided(pipe):
     """For prompts naming no colour, the colour the model draws most often is put in the negative
     prompt: the share of objects drawn in it must at least halve."""

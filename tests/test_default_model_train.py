@@ -82,3 +82,27 @@ def test_trimmed_tokenizer_tokenizes_every_caption_as_clip_does(tmp_path):
         assert small.tokenize(text) == full.tokenize(text), text
     ids = small("a zebra 42 ünïcode").input_ids
     assert small.unk_token_id not in ids[1:-1] and len(ids) > 6
+
+
+def test_device_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    from sdrt.export.default_model import train
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the error path cannot be reached")
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--out", str(tmp_path / "ckpt"), "--device", "cuda"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "no CUDA GPU" in err and "--device cpu" in err
+    assert not (tmp_path / "ckpt").exists()  # nothing half-written
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here): trains a few steps on it")
+def test_train_smoke_on_a_gpu(tmp_path):
+    from sdrt.export.default_model import train
+
+    out = tmp_path / "ckpt"
+    assert train.main(["--out", str(out), "--device", "cuda", "--vae-steps", "3", "--unet-steps", "3",
+                       "--decoder-steps", "2", "--batch", "4", "--n-train", "16", "--eval-n", "2"]) == 0
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -27,6 +27,10 @@ VARIANTS = {
     "B_long": ({}, {}, LONG),
     "C_long_wide": (WIDE, {}, LONG),
     "D_long_latent8": ({"in_channels": 8, "out_channels": 8}, {"latent_channels": 8}, LONG),
+    # round 2 (the object weight lifted colour from 0.09 to 0.9 but cost position; fewer processes, longer)
+    "E_wide_objw2": (WIDE, {}, LONG + ["--object-weight", "2", "--vae-minutes", "1.0", "--unet-minutes", "3.8"]),
+    "F_wide_objw4_gamma20": (WIDE, {}, LONG + ["--snr-gamma", "20", "--vae-minutes", "1.0", "--unet-minutes", "3.8"]),
+    "H_base_objw2": ({}, {}, LONG + ["--object-weight", "2", "--vae-minutes", "1.0", "--unet-minutes", "3.8"]),
 }
 
 

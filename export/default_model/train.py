@@ -1,7 +1,7 @@
 """Train the built-in default text-to-image model on the synthetic scenes of ``data`` (issue 6).
 
-    python -m sdrt.export.default_model.train --out DIR [--seed 0] [--vae-minutes 11] [--unet-minutes 62]
-        [--decoder-minutes 8]
+    python -m sdrt.export.default_model.train --out DIR [--seed 0] [--vae-minutes 16] [--unet-minutes 58]
+        [--decoder-minutes 5] [--object-weight 2] [--device cpu]
 
 The model is a real Stable Diffusion 1.x arrangement built from diffusers / transformers classes, only
 small: a CLIP text encoder (``CLIPTextModel``, 3 layers, width 128) with the CLIP tokenizer trimmed
@@ -13,8 +13,9 @@ config with zero terminal SNR, v-prediction and trailing timesteps. It is writte
 ``sdrt.export.testing`` writes its test checkpoints, so ``StableDiffusionPipeline.from_pretrained(DIR)``
 loads it and ``sdrt export DIR`` exports it.
 
-Training, on CPU, each stage budgeted by wall clock (``--vae-steps`` / ``--unet-steps`` /
-``--decoder-steps`` fix the step counts instead, for bit-exact reruns):
+Training, on 2 CPU cores by default (about 85 minutes in all) or on a GPU (``--device cuda``), each
+stage budgeted by wall clock (``--vae-steps`` / ``--unet-steps`` / ``--decoder-steps`` fix the step
+counts instead, for bit-exact reruns on one device):
 
 1. a training set of ``--n-train`` scenes (``data.make_dataset(allow="train")``: held-out combinations
    never appear) is rendered once;
@@ -24,7 +25,8 @@ Training, on CPU, each stage budgeted by wall clock (``--vae-steps`` / ``--unet-
    The evaluator then scores the VAE's reconstructions of held-out scenes (the UNet's ceiling), and
    the latent scaling factor is set to 1 / (std of the encoded latents), as Stable Diffusion did;
 3. the VAE is frozen and the whole set is encoded once (latent means); the UNet and the text encoder
-   train jointly on the v-prediction MSE weighted by min(1, gamma / SNR) (``--snr-gamma``, 5), with each step drawing a fresh
+   train jointly on the v-prediction MSE weighted by min(1, gamma / SNR) (``--snr-gamma``, 5) and by
+   1 + ``--object-weight`` (2) on the latent pixels that cover objects, with each step drawing a fresh
    caption of every scene (``data.caption`` varies the wording and what is stated) and dropping ~10%
    of captions to "" for classifier-free guidance; AdamW, linear warmup then cosine decay, an EMA of
    the weights (saved);
@@ -488,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdrt.export.default_model.train", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-minutes", type=float, default=11.0)
-    ap.add_argument("--unet-minutes", type=float, default=62.0)
+    ap.add_argument("--vae-minutes", type=float, default=16.0)
+    ap.add_argument("--unet-minutes", type=float, default=58.0)
     ap.add_argument("--vae-steps", type=int, default=None, help="fixed VAE step count (overrides --vae-minutes)")
     ap.add_argument("--unet-steps", type=int, default=None, help="fixed UNet step count (overrides --unet-minutes)")
     ap.add_argument("--batch", type=int, default=32, help="UNet batch size")
@@ -499,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="final fraction of the VAE stage trained on whole images")
     ap.add_argument("--n-train", type=int, default=6000, help="training scenes rendered (and encoded)")
     ap.add_argument("--vae-lr", type=float, default=2e-3)
-    ap.add_argument("--decoder-minutes", type=float, default=8.0, help="stage 3: decoder refinement on whole images")
+    ap.add_argument("--decoder-minutes", type=float, default=5.0, help="stage 3: decoder refinement on whole images")
     ap.add_argument("--decoder-steps", type=int, default=None, help="fixed decoder step count")
     ap.add_argument("--decoder-batch", type=int, default=8)
     ap.add_argument("--decoder-lr", type=float, default=5e-4)
@@ -513,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snr-gamma", type=float, default=5.0, help="loss weight min(1, gamma / SNR)")
     ap.add_argument("--ema", type=float, default=0.998, help="EMA decay of the UNet/text-encoder weights (0: off)")
     ap.add_argument("--caption-dropout", type=float, default=0.1)
-    ap.add_argument("--object-weight", type=float, default=0.0,
+    ap.add_argument("--object-weight", type=float, default=2.0,
                     help="extra UNet loss weight on latent pixels covering objects (0: plain loss)")
     ap.add_argument("--resume", type=Path, default=None, metavar="CKPT",
                     help="continue stage 2 from a checkpoint's text encoder, UNet and VAE (stage 1 skipped), "
