@@ -106,3 +106,32 @@ def test_train_smoke_on_a_gpu(tmp_path):
     assert train.main(["--out", str(out), "--device", "cuda", "--vae-steps", "3", "--unet-steps", "3",
                        "--decoder-steps", "2", "--batch", "4", "--n-train", "16", "--eval-n", "2"]) == 0
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_sweep_variants_are_valid_and_checkpoints_pack_in_float16(tmp_path, capsys, monkeypatch):
+    import sys
+    import tarfile
+
+    from safetensors.torch import load_file, save_file
+
+    from sdrt.export.default_model import sweep, train
+
+    for name, (unet, vae, args) in sweep.VARIANTS.items():
+        assert set(unet) <= set(train.UNET) | {"in_channels", "out_channels"}, name
+        assert set(vae) <= set(train.VAE) | {"latent_channels"}, name
+        assert args == [] or args[0].startswith("--"), name
+    ckpt = tmp_path / "X"
+    (ckpt / "unet").mkdir(parents=True)
+    save_file({"w": torch.randn(3, 3), "i": torch.arange(3)}, ckpt / "unet" / "m.safetensors")
+    (ckpt / "unet" / "config.json").write_text("{}")
+    sweep.pack(ckpt, tmp_path / "X.tgz")
+    with tarfile.open(tmp_path / "X.tgz") as tar:
+        tar.extractall(tmp_path / "un")
+    back = load_file(tmp_path / "un" / "X" / "unet" / "m.safetensors")
+    assert back["w"].dtype == torch.float16 and back["i"].dtype == torch.int64
+    assert (tmp_path / "un" / "X" / "unet" / "config.json").is_file()
+
+    monkeypatch.setattr(sys, "argv", ["sweep", "--out", str(tmp_path / "o"), "--only", "B_long,nope"])
+    with pytest.raises(SystemExit):
+        sweep.main()
+    assert "unknown variant(s) nope" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -1,11 +1,12 @@
 """Train several variants of the default model side by side (one process each) and score them.
 
-    python tools/default_model_sweep.py --out DIR [--device cuda] [--only A,B] [--scale 1.0]
+    python -m sdrt.export.default_model.sweep --out DIR [--only A,B] [train options, e.g. --device cuda --eval-n 64]
 
 Each variant is ``train.main`` with some architecture overrides (module-level configs) and its own
 arguments; its log goes to DIR/NAME.log and its checkpoint, in float16, to DIR/NAME.tgz (small enough
 to come back from a lent GPU machine). Used to choose the default model's recipe on a GPU in minutes
-instead of one CPU-hour per try; the shipped model is still trained by ``train`` itself.
+instead of one CPU-hour per try (docs/default-model-sweep.md has the results); options it does not
+know go to every variant's ``train`` and win over the variant's own.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ VARIANTS = {
 
 
 def child(name: str, out: Path, argv: list[str]) -> int:
-    from sdrt.export.default_model import train
+    from . import train
 
     unet, vae, args = VARIANTS[name]
     train.UNET.update(unet)
@@ -62,7 +63,7 @@ def pack(ckpt: Path, dest: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m sdrt.export.default_model.sweep", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only", default=",".join(VARIANTS))
     ap.add_argument("--child", default=None)
@@ -70,12 +71,16 @@ def main() -> int:
     args, rest = ap.parse_known_args()
     if args.child:
         return child(args.child, args.work, rest)
+    names = args.only.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     procs = {}
-    for name in args.only.split(","):
+    for name in names:
         log = open(args.out / f"{name}.log", "w")
-        procs[name] = subprocess.Popen([sys.executable, "-u", __file__, "--out", str(args.out), "--child", name,
-                                        "--work", str(args.work)] + rest, stdout=log, stderr=subprocess.STDOUT)
+        procs[name] = subprocess.Popen([sys.executable, "-u", "-m", __spec__.name, "--out", str(args.out), "--child",
+                                        name, "--work", str(args.work)] + rest, stdout=log, stderr=subprocess.STDOUT)
     summary = {}
     for name, p in procs.items():
         rc = p.wait()
