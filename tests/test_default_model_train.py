@@ -135,3 +135,13 @@ def test_sweep_variants_are_valid_and_checkpoints_pack_in_float16(tmp_path, caps
     with pytest.raises(SystemExit):
         sweep.main()
     assert "unknown variant(s) nope" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_stage_clock_counts_steps_minutes_and_a_cap():
+    from sdrt.export.default_model.train import _Clock
+
+    steps = _Clock(minutes=0.0, steps=3)
+    assert not steps.done(2) and steps.done(3) and steps.progress(1) == pytest.approx(1 / 3)
+    assert _Clock(minutes=0.0, steps=None).done(0)  # a zero-minute budget is spent at once
+    assert not _Clock(minutes=10.0, steps=None).done(10**6)
+    assert _Clock(minutes=10.0, steps=10**6, cap_minutes=0.0).done(0)  # the cap wins over the step count

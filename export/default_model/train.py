@@ -130,7 +130,8 @@ def _text_encoder_config(tokenizer) -> dict:
 
 
 class _Clock:
-    """A stage's budget: a fixed step count when given, else wall-clock minutes."""
+    """A stage's budget: a fixed step count when given, else wall-clock minutes; ``cap_minutes``
+    (``--cap-minutes``) ends any stage at that wall-clock time even short of its step count."""
 
     def __init__(self, minutes: float, steps: int | None, cap_minutes: float | None = None):
         self.t0 = time.monotonic()
