@@ -22,7 +22,7 @@ WIDE = {"block_out_channels": [64, 128, 128], "attention_head_dim": 8}
 LONG = ["--vae-minutes", "1.1", "--vae-batch", "32", "--unet-minutes", "3.4", "--batch", "128", "--unet-lr", "2e-3",
         "--n-train", "12000", "--decoder-minutes", "0.3", "--decoder-batch", "16", "--object-weight", "4"]
 VARIANTS = {
-    # today's CPU recipe (the steps 2 CPU cores reach in 11 + 62 minutes), with the object weight from the start
+    # the first shipped model's CPU recipe (the steps 2 CPU cores reached in 11 + 62 minutes), with the object weight
     "A_cpu_recipe_objw": ({}, {}, ["--vae-steps", "1139", "--unet-steps", "4200", "--decoder-minutes", "0",
                                    "--object-weight", "4", "--cap-minutes", "4.0"]),
     "B_long": ({}, {}, LONG),
@@ -89,7 +89,7 @@ def main() -> int:
         lines = [ln for ln in (args.out / f"{name}.log").read_text().splitlines() if "] " in ln and "%|" not in ln]
         summary[name] = {"rc": rc, "tail": [ln for ln in lines if any(k in ln for k in ("done", "eval", "reconstruction"))]}
         print(name, json.dumps(summary[name], indent=1), flush=True)
-    return 0
+    return 0 if all(v["rc"] == 0 for v in summary.values()) else 1
 
 
 if __name__ == "__main__":
