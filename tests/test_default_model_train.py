@@ -130,11 +130,38 @@ def test_sweep_variants_are_valid_and_checkpoints_pack_in_float16(tmp_path, caps
     back = load_file(tmp_path / "un" / "X" / "unet" / "m.safetensors")
     assert back["w"].dtype == torch.float16 and back["i"].dtype == torch.int64
     assert (tmp_path / "un" / "X" / "unet" / "config.json").is_file()
+    # float32, split into parts that join back into the same archive
+    save_file({"w": torch.randn(200, 200)}, ckpt / "unet" / "big.safetensors")
+    parts = sweep.pack(ckpt, tmp_path / "Y.tgz", half=False, part_mib=0.05)
+    assert len(parts) > 1 and not (tmp_path / "Y.tgz").exists()
+    assert [p.name for p in parts] == [f"Y.tgz.{i:02d}" for i in range(len(parts))]
+    (tmp_path / "Y.tgz").write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(tmp_path / "Y.tgz") as tar:
+        tar.extractall(tmp_path / "un2")
+    assert load_file(tmp_path / "un2" / "X" / "unet" / "big.safetensors")["w"].dtype == torch.float32
+    assert sweep.pack(ckpt, tmp_path / "Z.tgz", part_mib=100) == [tmp_path / "Z.tgz"]
 
     monkeypatch.setattr(sys, "argv", ["sweep", "--out", str(tmp_path / "o"), "--only", "B_long,nope"])
     with pytest.raises(SystemExit):
         sweep.main()
     assert "unknown variant(s) nope" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_cached_caption_tokens_equal_the_tokenizers(tmp_path):
+    """The UNet stage's word-cached tokenization gives exactly the tokenizer's padded ids."""
+    from transformers import CLIPTokenizer
+
+    from sdrt.export.default_model import data, train
+    from sdrt.export.testing import write_clip_tokenizer
+
+    write_clip_tokenizer(tmp_path / "tok", train.TOKENIZER_PAD, words=train.vocabulary())
+    tok = CLIPTokenizer.from_pretrained(tmp_path / "tok")
+    rng = np.random.default_rng(7)
+    texts = [data.caption(data.sample_scene(rng), rng) for _ in range(300)] + data.held_out_prompts(20, 2)
+    texts += ["", "  A RED  Circle, in the middle!  ", "red " * 100, "a zebra 42 ünïcode", "it's a-circle..."]
+    fast = train.CaptionTokens(tok, check=texts[:10])
+    assert torch.equal(fast(texts), train._tokenize(tok, texts))
+    assert len(fast.words) < 120  # one entry per distinct word
 
 
 def test_stage_clock_counts_steps_minutes_and_a_cap():

@@ -32,6 +32,13 @@ VARIANTS = {
     "E_wide_objw2": (WIDE, {}, LONG + ["--object-weight", "2", "--vae-minutes", "1.0", "--unet-minutes", "3.8"]),
     "F_wide_objw4_gamma20": (WIDE, {}, LONG + ["--snr-gamma", "20", "--vae-minutes", "1.0", "--unet-minutes", "3.8"]),
     "H_base_objw2": ({}, {}, LONG + ["--object-weight", "2", "--vae-minutes", "1.0", "--unet-minutes", "3.8"]),
+    # round 3: the tokenizer had capped every GPU run at ~10 UNet steps/s (now cached per word); H's recipe
+    # with two processes instead of three or four, batch 512, 20000 scenes and 6.8 UNet minutes, and
+    # H with F's larger min-SNR gamma (it helped training-distribution shapes)
+    "I_base_objw2_b512": ({}, {}, LONG + ["--object-weight", "2", "--vae-minutes", "1.0", "--unet-minutes", "6.8",
+                                          "--batch", "512", "--n-train", "20000"]),
+    "J_base_objw2_b512_gamma20": ({}, {}, LONG + ["--object-weight", "2", "--vae-minutes", "1.0", "--unet-minutes",
+                                                  "6.8", "--batch", "512", "--n-train", "20000", "--snr-gamma", "20"]),
 }
 
 
@@ -44,7 +51,10 @@ def child(name: str, out: Path, argv: list[str]) -> int:
     return train.main(["--out", str(out / name)] + args + argv)
 
 
-def pack(ckpt: Path, dest: Path) -> None:
+def pack(ckpt: Path, dest: Path, half: bool = True, part_mib: float | None = None) -> list[Path]:
+    """Tar+gzip a checkpoint to ``dest`` (float tensors in float16 when ``half``). With ``part_mib``, an
+    archive larger than that is split into ``dest.00``, ``dest.01``, ... (``cat dest.* > dest`` joins
+    them): a lent GPU machine hands back files of at most 16 MiB. Returns the files written."""
     from safetensors.torch import load_file, save_file
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,13 +63,23 @@ def pack(ckpt: Path, dest: Path) -> None:
                 if not f.is_file():
                     continue
                 arc = f.relative_to(ckpt.parent)
-                if f.suffix == ".safetensors":
+                if f.suffix == ".safetensors" and half:
                     t = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(f).items()}
                     g = Path(tmp) / f.name
                     save_file(t, g)
                     tar.add(g, arcname=str(arc))
                 else:
                     tar.add(f, arcname=str(arc))
+    part = None if part_mib is None else int(part_mib * 2**20)
+    if part is None or dest.stat().st_size <= part:
+        return [dest]
+    parts = []
+    with open(dest, "rb") as src:
+        while chunk := src.read(part):
+            parts.append(dest.with_name(f"{dest.name}.{len(parts):02d}"))
+            parts[-1].write_bytes(chunk)
+    dest.unlink()
+    return parts
 
 
 def main() -> int:
@@ -68,6 +88,9 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(VARIANTS))
     ap.add_argument("--child", default=None)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sweep")
+    ap.add_argument("--pack-dtype", choices=("float16", "float32"), default="float16",
+                    help="float type of the packed checkpoints' weights")
+    ap.add_argument("--part-mib", type=float, default=15.0, help="split packed checkpoints larger than this")
     args, rest = ap.parse_known_args()
     if args.child:
         return child(args.child, args.work, rest)
@@ -85,7 +108,7 @@ def main() -> int:
     for name, p in procs.items():
         rc = p.wait()
         if rc == 0:
-            pack(args.work / name, args.out / f"{name}.tgz")
+            pack(args.work / name, args.out / f"{name}.tgz", half=args.pack_dtype == "float16", part_mib=args.part_mib)
         lines = [ln for ln in (args.out / f"{name}.log").read_text().splitlines() if "] " in ln and "%|" not in ln]
         summary[name] = {"rc": rc, "tail": [ln for ln in lines if any(k in ln for k in ("done", "eval", "reconstruction"))]}
         print(name, json.dumps(summary[name], indent=1), flush=True)
