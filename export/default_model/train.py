@@ -25,7 +25,7 @@ counts instead, for bit-exact reruns on one device):
    The evaluator then scores the VAE's reconstructions of held-out scenes (the UNet's ceiling), and
    the latent scaling factor is set to 1 / (std of the encoded latents), as Stable Diffusion did;
 3. the VAE is frozen and the whole set is encoded once (latent means); the UNet and the text encoder
-   train jointly on the v-prediction MSE weighted by min(1, gamma / SNR) (``--snr-gamma``, 5) and by
+   train jointly on the v-prediction MSE weighted by min(1, gamma / SNR) (``--snr-gamma``, 20) and by
    1 + ``--object-weight`` (2) on the latent pixels that cover objects, with each step drawing a fresh
    caption of every scene (``data.caption`` varies the wording and what is stated) and dropping ~10%
    of captions to "" for classifier-free guidance; AdamW, linear warmup then cosine decay, an EMA of
@@ -574,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unet-lr", type=float, default=1.5e-3)
     ap.add_argument("--kl", type=float, default=1e-5)
     ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--snr-gamma", type=float, default=5.0, help="loss weight min(1, gamma / SNR)")
+    ap.add_argument("--snr-gamma", type=float, default=20.0,
+                    help="loss weight min(1, gamma / SNR); 20 drew shapes better than 5 on a GPU (0.90 vs 0.82)")
     ap.add_argument("--ema", type=float, default=0.998, help="EMA decay of the UNet/text-encoder weights (0: off)")
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--object-weight", type=float, default=2.0,
