@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 from sdrt import __version__
-from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, default_mode, sha256_file, write_json_atomic
+from sdrt.runtime.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    check_generation_defaults,
+    default_mode,
+    sha256_file,
+    write_json_atomic,
+)
 
 from . import onnx_graph
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
@@ -92,10 +99,17 @@ def export_model(
     fp16_vae: bool = False,
     overwrite: bool = False,
     opset: int = onnx_graph.OPSET,
+    generation_defaults: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Export ``checkpoint`` to the model directory ``out``; returns the manifest written."""
+    """Export ``checkpoint`` to the model directory ``out``; returns the manifest written.
+    ``generation_defaults`` ({"guidance_scale": ..., "num_inference_steps": ...}) are recorded in the
+    manifest: the runtime uses them when a call does not give those settings."""
     out = Path(out).absolute()
+    try:
+        generation_defaults = check_generation_defaults(generation_defaults or {})
+    except ValueError as e:
+        raise ExportError(str(e)) from e
     _check_target(out, overwrite)
     t0 = time.perf_counter()
     log(f"loading {checkpoint}")
@@ -109,7 +123,8 @@ def export_model(
         raise ExportError(f"cannot write in the output folder {out.parent}: {e.strerror}; choose another --out") from e
     os.chmod(work, default_mode(directory=True))  # mkdtemp makes it private; the result should not be
     try:
-        manifest = _export_into(ckpt, work, fp16=fp16, fp16_vae=fp16_vae, opset=opset, log=log)
+        manifest = _export_into(ckpt, work, fp16=fp16, fp16_vae=fp16_vae, opset=opset,
+                                generation_defaults=generation_defaults, log=log)
         _replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -151,7 +166,8 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, opset: int, log) -> dict:
+def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, opset: int, generation_defaults: dict,
+                 log) -> dict:
     src = ckpt.source if ckpt.source.is_dir() else None
     tokenizers = [_write_tokenizer(ckpt.tokenizer, work / "tokenizer")]
     if ckpt.tokenizer_2 is not None:
@@ -215,6 +231,7 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
         "tokenizers": tokenizers,
         "components": records,
         "engines": {},
+        **({"generation_defaults": generation_defaults} if generation_defaults else {}),
         "source": {"checkpoint": str(ckpt.source), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
     write_json_atomic(work / MANIFEST_NAME, manifest)

@@ -20,6 +20,8 @@ def describe(model_dir: str | Path) -> str:
         + (f", shift {m['vae_shift_factor']}" if m.get("vae_shift_factor") is not None else "")
         + ")",
         f"  scheduler {m.get('scheduler_class')}; tokenizer max length {m['tokenizers'][0]['max_length']}",
+        *(["  generation defaults: " + ", ".join(f"{k} {v}" for k, v in m["generation_defaults"].items())]
+          if m.get("generation_defaults") else []),
         "",
         "components:",
     ]

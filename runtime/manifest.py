@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +17,31 @@ from typing import BinaryIO, Callable
 MANIFEST_NAME = "sdrt.json"
 FORMAT_VERSION = 1
 FAMILIES = ("sd1", "sd2", "sdxl")
+# Optional ``generation_defaults``: the sampling settings a model is meant to run with (as a
+# transformers model's generation_config.json), used when a call does not give them.
+GENERATION_DEFAULTS = ("guidance_scale", "num_inference_steps")
+
+
+def check_generation_defaults(defaults) -> dict:
+    """``defaults`` validated ({"guidance_scale": float > 0, "num_inference_steps": int >= 1}, either
+    may be absent); raises ValueError saying what is wrong."""
+    if not isinstance(defaults, dict):
+        raise ValueError(f"generation_defaults must be an object, got {defaults!r}")
+    unknown = sorted(set(defaults) - set(GENERATION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown generation default(s) {', '.join(unknown)}; known: {', '.join(GENERATION_DEFAULTS)}")
+    out = {}
+    if "guidance_scale" in defaults:
+        g = defaults["guidance_scale"]
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0:
+            raise ValueError(f"the default guidance_scale must be a number > 0, got {g!r}")
+        out["guidance_scale"] = float(g)
+    if "num_inference_steps" in defaults:
+        n = defaults["num_inference_steps"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"the default num_inference_steps must be an integer >= 1, got {n!r}")
+        out["num_inference_steps"] = n
+    return out
 
 
 class ModelDirError(ValueError):
@@ -42,6 +68,11 @@ def load_manifest(model_dir: str | os.PathLike) -> dict:
             f"{path} has format version {version}, newer than this sdrt understands ({FORMAT_VERSION}); "
             f"upgrade sdrt (it was written by sdrt {manifest.get('sdrt_version', '?')})"
         )
+    if "generation_defaults" in manifest:
+        try:
+            manifest["generation_defaults"] = check_generation_defaults(manifest["generation_defaults"])
+        except ValueError as e:
+            raise ModelDirError(f"{path}: {e}; fix it, or re-export the model with `sdrt export --overwrite`") from e
     return manifest
 
 

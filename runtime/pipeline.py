@@ -99,6 +99,8 @@ class Pipeline:
         self.tokenizers = tokenizers
         self.family = manifest["family"]
         self.scheduler_config = _read_scheduler_config(model_dir)
+        # the model's own sampling settings, when its export recorded them (checked by load_manifest)
+        self.generation_defaults: dict = dict(manifest.get("generation_defaults") or {})
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", *, threads: int | None = None,
@@ -146,7 +148,7 @@ class Pipeline:
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -163,7 +165,9 @@ class Pipeline:
     ) -> PipelineOutput:
         """Generate images. ``seed`` makes a numpy Generator (``generator`` passes one directly);
         ``latents`` gives the initial noise (B, C, H/8, W/8) as in diffusers; ``image`` with
-        ``strength`` runs image to image. ``callback(step, num_steps)`` is called after each step."""
+        ``strength`` runs image to image. ``callback(step, num_steps)`` is called after each step.
+        ``num_inference_steps`` and ``guidance_scale`` default to the model's ``generation_defaults``
+        (``sdrt export --default-steps/--default-guidance``), else to diffusers' 50 and 7.5 (5.0 for SDXL)."""
         t_start = time.perf_counter()
         timings = Timings()
         m = self.manifest
@@ -172,7 +176,12 @@ class Pipeline:
         native = m["native_resolution"]
         height = native if height is None else height
         width = native if width is None else width
-        guidance_scale = (5.0 if xl else 7.5) if guidance_scale is None else float(guidance_scale)
+        defaults = self.generation_defaults
+        if guidance_scale is None:
+            guidance_scale = defaults.get("guidance_scale", 5.0 if xl else 7.5)
+        guidance_scale = float(guidance_scale)
+        if num_inference_steps is None:
+            num_inference_steps = defaults.get("num_inference_steps", 50)
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0:
                 raise GenerationError(f"{name} must be a positive integer, got {v!r}")

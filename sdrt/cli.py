@@ -26,6 +26,8 @@ def _cmd_export(args) -> int:
             fp16_vae=args.fp16_vae,
             overwrite=args.overwrite,
             opset=args.opset,
+            generation_defaults={k: v for k, v in (("guidance_scale", args.default_guidance),
+                                                   ("num_inference_steps", args.default_steps)) if v is not None},
         )
     except (CheckpointError, ExportError) as e:
         raise UserError(str(e)) from e
@@ -89,7 +91,8 @@ def _cmd_generate(args) -> int:
             result = pipe(
                 args.prompt,
                 negative_prompt=args.negative_prompt,
-                num_inference_steps=args.steps,
+                num_inference_steps=args.steps if args.steps is not None
+                else pipe.generation_defaults.get("num_inference_steps", 30),
                 guidance_scale=args.guidance,
                 height=args.height,
                 width=args.width,
@@ -181,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16-vae", action="store_true", help="with --fp16, the VAE in fp16 too (may overflow into NaN)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer; default 17)")
+    p.add_argument("--default-guidance", type=float, metavar="G",
+                   help="record the guidance scale this model is meant to run with (used when a call gives none)")
+    p.add_argument("--default-steps", type=int, metavar="N",
+                   help="record the denoising steps this model is meant to run with (used when a call gives none)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("generate", help="generate images from a prompt with a model directory")
@@ -188,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="sdrt model directory (default: the built-in default model)")
     p.add_argument("--out", default="out.png", help="PNG path; several images get -0, -1, ... suffixes (default out.png)")
     p.add_argument("--negative-prompt", help="what the image should not show")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5; 5.0 for SDXL)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's own, else 30)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale (default: the model's own, else 7.5; 5.0 for SDXL)")
     p.add_argument("--scheduler", help="ddim, pndm, euler, euler-a, lms, heun, dpm++2m, dpm++2m-karras, dpm++2m-sde, "
                    "unipc, lcm (default: the checkpoint's own)")
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one)")

@@ -141,6 +141,21 @@ def test_error_missing_checkpoint(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_records_generation_defaults(capsys, checkpoint, tmp_path):
+    from sdrt.runtime.manifest import load_manifest
+
+    out = tmp_path / "m"
+    code, err = _cli(capsys, "export", checkpoint("sd1"), "--out", out, "--default-guidance", "3",
+                     "--default-steps", "20")
+    assert code == 0, err
+    assert load_manifest(out)["generation_defaults"] == {"guidance_scale": 3.0, "num_inference_steps": 20}
+    code, _ = _cli(capsys, "info", out)
+    assert code == 0 and "generation defaults: guidance_scale 3.0, num_inference_steps 20" in capsys.readouterr().out
+    code, err = _cli(capsys, "export", checkpoint("sd1"), "--out", tmp_path / "bad", "--default-steps", "0")
+    assert code == 1 and "num_inference_steps must be an integer >= 1, got 0" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
 def test_error_directory_is_not_a_diffusers_checkpoint(capsys, tmp_path):
     (tmp_path / "ck").mkdir()
     code, err = _cli(capsys, "export", tmp_path / "ck", "--out", tmp_path / "out")

@@ -217,6 +217,54 @@ def test_manifest_of_a_newer_format_is_refused(model_dir, tmp_path):
         Pipeline.load(root)
 
 
+def _with_defaults(model_dir, tmp_path, defaults):
+    root = tmp_path / "m"
+    shutil.copytree(model_dir("sd1"), root)
+    m = json.loads((root / "sdrt.json").read_text())
+    m["generation_defaults"] = defaults
+    (root / "sdrt.json").write_text(json.dumps(m))
+    return root
+
+
+def test_the_models_generation_defaults_apply_when_a_call_gives_none(model_dir, tmp_path, capsys):
+    from sdrt.cli import main
+    from sdrt.runtime.images import read_parameters
+
+    root = _with_defaults(model_dir, tmp_path, {"guidance_scale": 3.0, "num_inference_steps": 3})
+    pipe = Pipeline.load(root)
+    out = _gen(pipe, num_inference_steps=None)
+    assert out.parameters["guidance_scale"] == 3.0 and out.parameters["num_inference_steps"] == 3
+    explicit = _gen(pipe, num_inference_steps=2, guidance_scale=5.0)
+    assert explicit.parameters["guidance_scale"] == 5.0 and explicit.parameters["num_inference_steps"] == 2
+    plain = _gen(Pipeline.load(model_dir("sd1")), num_inference_steps=None)  # none recorded: diffusers' own
+    assert plain.parameters["guidance_scale"] == 7.5 and plain.parameters["num_inference_steps"] == 50
+
+    assert main(["generate", "a blue square", "--model", str(root), "--out", str(tmp_path / "a.png"), "--height", "64",
+                 "--width", "64", "--seed", "1", "--quiet"]) == 0
+    params = read_parameters(tmp_path / "a.png")
+    assert params["guidance_scale"] == 3.0 and params["num_inference_steps"] == 3
+    assert main(["generate", "a blue square", "--model", str(root), "--out", str(tmp_path / "b.png"), "--height", "64",
+                 "--width", "64", "--steps", "2", "--guidance", "1", "--quiet"]) == 0
+    params = read_parameters(tmp_path / "b.png")
+    assert params["guidance_scale"] == 1.0 and params["num_inference_steps"] == 2
+
+
+@pytest.mark.parametrize("defaults, match", [
+    ({"guidance_scale": -1}, "guidance_scale must be a number > 0, got -1"),
+    ({"guidance_scale": "high"}, "guidance_scale must be a number > 0"),
+    ({"num_inference_steps": 2.5}, "num_inference_steps must be an integer >= 1, got 2.5"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
+    ({"eta": 0.0}, "unknown generation default.s. eta; known: guidance_scale, num_inference_steps"),
+    ([3.0], "generation_defaults must be an object"),
+])
+def test_bad_generation_defaults_in_a_manifest_are_named(model_dir, tmp_path, defaults, match):
+    from sdrt.runtime.manifest import ModelDirError
+
+    root = _with_defaults(model_dir, tmp_path, defaults)
+    with pytest.raises(ModelDirError, match=rf"sdrt.json: .*{match}.*sdrt export --overwrite"):
+        Pipeline.load(root)
+
+
 class _Poisoned:
     def __init__(self, engine, output):
         self.engine, self.output = engine, output
