@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -23,18 +24,21 @@ GENERATION_DEFAULTS = ("guidance_scale", "num_inference_steps")
 
 
 def check_generation_defaults(defaults) -> dict:
-    """``defaults`` validated ({"guidance_scale": float > 0, "num_inference_steps": int >= 1}, either
-    may be absent); raises ValueError saying what is wrong."""
+    """``defaults`` validated ({"guidance_scale": float >= 0, "num_inference_steps": int >= 1}, either
+    may be absent; a guidance scale <= 1 means no classifier-free guidance, as in diffusers); raises
+    ValueError saying what is wrong. Keys this sdrt does not know (a later one's) are dropped with a
+    warning, so an older runtime still loads the model."""
     if not isinstance(defaults, dict):
         raise ValueError(f"generation_defaults must be an object, got {defaults!r}")
     unknown = sorted(set(defaults) - set(GENERATION_DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown generation default(s) {', '.join(unknown)}; known: {', '.join(GENERATION_DEFAULTS)}")
+        warnings.warn(f"ignoring generation default(s) this sdrt does not know: {', '.join(unknown)} "
+                      f"(known: {', '.join(GENERATION_DEFAULTS)})", stacklevel=2)
     out = {}
     if "guidance_scale" in defaults:
         g = defaults["guidance_scale"]
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0:
-            raise ValueError(f"the default guidance_scale must be a number > 0, got {g!r}")
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise ValueError(f"the default guidance_scale must be a number >= 0, got {g!r}")
         out["guidance_scale"] = float(g)
     if "num_inference_steps" in defaults:
         n = defaults["num_inference_steps"]

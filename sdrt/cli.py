@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,10 @@ def _cmd_export(args) -> int:
     from sdrt.export.checkpoint import CheckpointError
     from sdrt.export.exporter import ExportError, export_model
 
+    if args.default_steps is not None and args.default_steps < 1:
+        raise UserError(f"--default-steps must be an integer >= 1, got {args.default_steps}")
+    if args.default_guidance is not None and not (math.isfinite(args.default_guidance) and args.default_guidance >= 0):
+        raise UserError(f"--default-guidance must be a number >= 0, got {args.default_guidance}")
     try:
         manifest = export_model(
             args.checkpoint,

@@ -158,7 +158,8 @@ def test_cached_caption_tokens_equal_the_tokenizers(tmp_path):
     tok = CLIPTokenizer.from_pretrained(tmp_path / "tok")
     rng = np.random.default_rng(7)
     texts = [data.caption(data.sample_scene(rng), rng) for _ in range(300)] + data.held_out_prompts(20, 2)
-    texts += ["", "  A RED  Circle, in the middle!  ", "red " * 100, "a zebra 42 ünïcode", "it's a-circle..."]
+    texts += ["", "  A RED  Circle, in the middle!  ", "red " * 100, "a zebra 42 ünïcode", "it's a-circle...",
+              "a-circle... , here", "red\tcircle\non blue", "red\x1fcircle"]
     fast = train.CaptionTokens(tok, check=texts[:10])
     assert torch.equal(fast(texts), train._tokenize(tok, texts))
     assert len(fast.words) < 120  # one entry per distinct word

@@ -149,11 +149,16 @@ def test_export_records_generation_defaults(capsys, checkpoint, tmp_path):
                      "--default-steps", "20")
     assert code == 0, err
     assert load_manifest(out)["generation_defaults"] == {"guidance_scale": 3.0, "num_inference_steps": 20}
-    code, _ = _cli(capsys, "info", out)
-    assert code == 0 and "generation defaults: guidance_scale 3.0, num_inference_steps 20" in capsys.readouterr().out
-    code, err = _cli(capsys, "export", checkpoint("sd1"), "--out", tmp_path / "bad", "--default-steps", "0")
-    assert code == 1 and "num_inference_steps must be an integer >= 1, got 0" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "bad").exists()
+    from sdrt.cli import main
+
+    assert main(["info", str(out)]) == 0
+    assert "generation defaults: guidance_scale 3.0, num_inference_steps 20" in capsys.readouterr().out
+    for flag, value, msg in (("--default-steps", "0", "--default-steps must be an integer >= 1, got 0"),
+                             ("--default-guidance", "-2", "--default-guidance must be a number >= 0, got -2.0"),
+                             ("--default-guidance", "nan", "--default-guidance must be a number >= 0, got nan")):
+        code, err = _cli(capsys, "export", checkpoint("sd1"), "--out", tmp_path / "bad", flag, value)
+        assert code == 1 and msg in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()
 
 
 def test_error_directory_is_not_a_diffusers_checkpoint(capsys, tmp_path):

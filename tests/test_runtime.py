@@ -250,11 +250,10 @@ def test_the_models_generation_defaults_apply_when_a_call_gives_none(model_dir, 
 
 
 @pytest.mark.parametrize("defaults, match", [
-    ({"guidance_scale": -1}, "guidance_scale must be a number > 0, got -1"),
-    ({"guidance_scale": "high"}, "guidance_scale must be a number > 0"),
+    ({"guidance_scale": -1}, "guidance_scale must be a number >= 0, got -1"),
+    ({"guidance_scale": "high"}, "guidance_scale must be a number >= 0"),
     ({"num_inference_steps": 2.5}, "num_inference_steps must be an integer >= 1, got 2.5"),
     ({"num_inference_steps": 0}, "num_inference_steps must be an integer >= 1"),
-    ({"eta": 0.0}, "unknown generation default.s. eta; known: guidance_scale, num_inference_steps"),
     ([3.0], "generation_defaults must be an object"),
 ])
 def test_bad_generation_defaults_in_a_manifest_are_named(model_dir, tmp_path, defaults, match):
@@ -263,6 +262,14 @@ def test_bad_generation_defaults_in_a_manifest_are_named(model_dir, tmp_path, de
     root = _with_defaults(model_dir, tmp_path, defaults)
     with pytest.raises(ModelDirError, match=rf"sdrt.json: .*{match}.*sdrt export --overwrite"):
         Pipeline.load(root)
+
+
+def test_generation_defaults_this_sdrt_does_not_know_are_ignored_with_a_warning(model_dir, tmp_path):
+    root = _with_defaults(model_dir, tmp_path, {"eta": 0.3, "guidance_scale": 0})
+    with pytest.warns(UserWarning, match="ignoring generation default.s. this sdrt does not know: eta"):
+        pipe = Pipeline.load(root)
+    assert pipe.generation_defaults == {"guidance_scale": 0.0}
+    assert _gen(pipe).parameters["guidance_scale"] == 0.0  # <= 1: no guidance, one UNet batch
 
 
 class _Poisoned:

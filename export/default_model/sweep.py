@@ -3,8 +3,9 @@
     python -m sdrt.export.default_model.sweep --out DIR [--only A,B] [train options, e.g. --device cuda --eval-n 64]
 
 Each variant is ``train.main`` with some architecture overrides (module-level configs) and its own
-arguments; its log goes to DIR/NAME.log and its checkpoint, in float16, to DIR/NAME.tgz (small enough
-to come back from a lent GPU machine). Used to choose the default model's recipe on a GPU in minutes
+arguments; its log goes to DIR/NAME.log and its checkpoint to DIR/NAME.tgz, in float16 (or
+``--pack-dtype float32``) and split into NAME.tgz.00, .01, ... above ``--part-mib`` (15): a lent GPU
+machine hands back files of at most 16 MiB. Used to choose the default model's recipe on a GPU in minutes
 instead of one CPU-hour per try (docs/default-model-sweep.md has the results); options it does not
 know go to every variant's ``train`` and win over the variant's own.
 """
@@ -57,6 +58,8 @@ def pack(ckpt: Path, dest: Path, half: bool = True, part_mib: float | None = Non
     them): a lent GPU machine hands back files of at most 16 MiB. Returns the files written."""
     from safetensors.torch import load_file, save_file
 
+    for old in dest.parent.glob(f"{dest.name}.[0-9][0-9]"):  # an earlier run's parts
+        old.unlink()
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(dest, "w:gz") as tar:
             for f in sorted(ckpt.rglob("*")):
@@ -70,7 +73,7 @@ def pack(ckpt: Path, dest: Path, half: bool = True, part_mib: float | None = Non
                     tar.add(g, arcname=str(arc))
                 else:
                     tar.add(f, arcname=str(arc))
-    part = None if part_mib is None else int(part_mib * 2**20)
+    part = None if part_mib is None or part_mib <= 0 else max(1, int(part_mib * 2**20))
     if part is None or dest.stat().st_size <= part:
         return [dest]
     parts = []
@@ -90,7 +93,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sweep")
     ap.add_argument("--pack-dtype", choices=("float16", "float32"), default="float16",
                     help="float type of the packed checkpoints' weights")
-    ap.add_argument("--part-mib", type=float, default=15.0, help="split packed checkpoints larger than this")
+    ap.add_argument("--part-mib", type=float, default=15.0,
+                    help="split packed checkpoints larger than this many MiB (0: never)")
     args, rest = ap.parse_known_args()
     if args.child:
         return child(args.child, args.work, rest)

@@ -326,8 +326,8 @@ class CaptionTokens:
     non-ASCII) go to the tokenizer itself; ``check`` texts are compared with it on construction.
     """
 
-    _PRETOKEN = re.compile(r"[a-z]+|[^\sa-z0-9']+")
-    _PLAIN = re.compile(r"[a-z ,.!?;:-]*")
+    _PRETOKEN = re.compile(r"[a-z]+|[,.!?;:-]+")
+    _PLAIN = re.compile(r"[a-z ,.!?;:-]*")  # plain spaces only: other whitespace takes the tokenizer's path
 
     def __init__(self, tokenizer, check=()):
         self.tok = tokenizer
@@ -353,7 +353,7 @@ class CaptionTokens:
         out = np.full((len(texts), self.n), self.tok.pad_token_id, np.int64)
         slow = []
         for i, text in enumerate(texts):
-            low = " ".join(text.split()).lower()
+            low = text.lower()
             if not self._PLAIN.fullmatch(low):
                 slow.append(i)
                 continue
