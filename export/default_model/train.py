@@ -29,8 +29,8 @@ with ``--vae-minutes 1.0 --vae-batch 32 --unet-minutes 6.8 --batch 512 --unet-lr
 3. the VAE is frozen and the whole set is encoded once (latent means); the UNet and the text encoder
    train jointly on the v-prediction MSE weighted by min(1, gamma / SNR) (``--snr-gamma``, 5; the
    shipped GPU recipe uses 20) and by 1 + ``--object-weight`` (2) on the latent pixels that cover
-   objects, with each step drawing a fresh
-   caption of every scene (``data.caption`` varies the wording and what is stated) and dropping ~10%
+   objects, with each step drawing a fresh caption of every scene (``data.caption`` varies the
+   wording and what is stated) and dropping ~10%
    of captions to "" for classifier-free guidance; AdamW, linear warmup then cosine decay, an EMA of
    the weights (saved);
 4. the decoder alone is refined on whole images for ``--decoder-minutes`` (encoder frozen, so the
@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--snr-gamma", type=float, default=5.0,
                     help="loss weight min(1, gamma / SNR); the shipped GPU recipe uses 20 (held-out shapes 0.88 vs "
-                         "0.82 with 5), but at the CPU recipe's 8x fewer samples 20 drew worse layouts")
+                         "0.82 with 5), but with the CPU recipe's 14x fewer samples 20 drew worse shapes and layouts")
     ap.add_argument("--ema", type=float, default=0.998, help="EMA decay of the UNet/text-encoder weights (0: off)")
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--object-weight", type=float, default=2.0,
