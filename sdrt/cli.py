@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -18,10 +17,18 @@ def _cmd_export(args) -> int:
     from sdrt.export.checkpoint import CheckpointError
     from sdrt.export.exporter import ExportError, export_model
 
-    if args.default_steps is not None and args.default_steps < 1:
-        raise UserError(f"--default-steps must be an integer >= 1, got {args.default_steps}")
-    if args.default_guidance is not None and not (math.isfinite(args.default_guidance) and args.default_guidance >= 0):
-        raise UserError(f"--default-guidance must be a number >= 0, got {args.default_guidance}")
+    from sdrt.runtime.manifest import check_generation_defaults
+
+    flags = {"guidance_scale": "--default-guidance", "num_inference_steps": "--default-steps"}
+    defaults = {k: v for k, v in (("guidance_scale", args.default_guidance),
+                                  ("num_inference_steps", args.default_steps)) if v is not None}
+    try:
+        check_generation_defaults(defaults)  # the manifest's own rules, reported with the flags' names
+    except ValueError as e:
+        msg = str(e)
+        for key, flag in flags.items():
+            msg = msg.replace(f"the default {key}", flag)
+        raise UserError(msg) from e
     try:
         manifest = export_model(
             args.checkpoint,
@@ -31,8 +38,7 @@ def _cmd_export(args) -> int:
             fp16_vae=args.fp16_vae,
             overwrite=args.overwrite,
             opset=args.opset,
-            generation_defaults={k: v for k, v in (("guidance_scale", args.default_guidance),
-                                                   ("num_inference_steps", args.default_steps)) if v is not None},
+            generation_defaults=defaults,
         )
     except (CheckpointError, ExportError) as e:
         raise UserError(str(e)) from e
