@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sdrt.runtime.errors import SdrtError
+
 from . import report as report_mod
 from .stats import ratio, summarize
 
@@ -49,7 +51,7 @@ WORKLOADS = {
 DEFAULTS = dict(steps=20, guidance=7.5, batch=1, seed=0, runs=3, warmup=1, scheduler=None, height=None, width=None)
 
 
-class BenchError(RuntimeError):
+class BenchError(SdrtError, RuntimeError):
     """The benchmark cannot run as asked; the message says why and what to do."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.engines import (
     DeviceFacts,
     RangeError,
@@ -29,10 +30,11 @@ from sdrt.runtime.engines import (
     resolve_ranges,
     reuse_decision,
 )
-from sdrt.runtime.manifest import ModelDirError, load_manifest, write_atomic, write_json_atomic
+from sdrt.runtime.files import write_atomic, write_json_atomic
+from sdrt.runtime.manifest import ModelDirError, load_manifest
 
 
-class BuildError(RuntimeError):
+class BuildError(SdrtError, RuntimeError):
     """A build that cannot go on; the message says what to do."""
 
 

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdrt.runtime.errors import SdrtError
+
 SUPPORTED = "sd1 (Stable Diffusion 1.x), sd2 (2.x) and sdxl (XL base)"
 # Pipelines of other architectures, named so the error can say what the checkpoint is.
 _UNSUPPORTED_PIPELINES = {
@@ -37,7 +39,7 @@ _WEIGHT_NAMES = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SdrtError, ValueError):
     """The input checkpoint cannot be exported; the message says why and what to do."""
 
 

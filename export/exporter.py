@@ -16,14 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from sdrt import __version__
-from sdrt.runtime.manifest import (
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    check_generation_defaults,
-    default_mode,
-    sha256_file,
-    write_json_atomic,
-)
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.files import default_mode, sha256_file, write_json_atomic
+from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, check_generation_defaults
 
 from . import onnx_graph
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
@@ -31,7 +26,7 @@ from .components import components_for
 from .validate import FP16_MAX_REL, FP32_MAX_REL, ValidationError, validate
 
 
-class ExportError(RuntimeError):
+class ExportError(SdrtError, RuntimeError):
     """The export could not complete; the previous model directory (if any) is untouched."""
 
 

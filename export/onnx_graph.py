@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from sdrt.runtime.manifest import default_mode
+from sdrt.runtime.files import default_mode
 
 from .components import Component
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdrt.runtime.errors import SdrtError
+
 from .components import Component
 
 FP32_MAX_REL = 1e-3
@@ -14,7 +16,7 @@ FP32_MAX_REL = 1e-3
 FP16_MAX_REL = 5e-2
 
 
-class ValidationError(RuntimeError):
+class ValidationError(SdrtError, RuntimeError):
     pass
 
 

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import EngineMismatch, SdrtError, ShapeOutsideProfile  # noqa: F401  (re-exported)
+
 ENGINES_DIR = "engines"
 PLAN_SUFFIX = ".plan"
 # Components whose batch is the UNet's: doubled under classifier-free guidance.
@@ -24,16 +26,8 @@ GUIDED = ("unet",)
 REQUIRED_AT_LOAD = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
 
-class RangeError(ValueError):
+class RangeError(SdrtError, ValueError):
     """Size ranges for ``sdrt build`` that cannot make a profile; the message says which and why."""
-
-
-class EngineMismatch(RuntimeError):
-    """An engine recorded in the manifest that cannot run here; the message says why and how to rebuild."""
-
-
-class ShapeOutsideProfile(ValueError):
-    """A call whose shapes the engine's optimization profile does not cover."""
 
 
 # -- this machine ----------------------------------------------------------------------------

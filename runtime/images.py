@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .manifest import write_atomic
+from .files import write_atomic
 
 PARAMETERS_KEY = "parameters"
 

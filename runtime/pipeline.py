@@ -15,17 +15,10 @@ from typing import Sequence
 import numpy as np
 
 from .backends import select
-from .manifest import ModelDirError, load_manifest
+from .errors import GenerationError, ModelDirError, NonFiniteError
+from .manifest import load_manifest
 from .schedulers import make_scheduler
 from .tokenizer import ClipTokenizer
-
-
-class GenerationError(ValueError):
-    """Bad input to a generation call; the message says what was wrong and what to do."""
-
-
-class NonFiniteError(RuntimeError):
-    """NaN or Inf came out of an engine: no image is produced from it."""
 
 
 @dataclass

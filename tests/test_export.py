@@ -66,7 +66,8 @@ def test_unet_graph_runs_at_a_shape_it_was_not_traced_at(model_dir):
 
 @pytest.mark.parametrize("family", SMALL_FAMILIES)
 def test_manifest_records_the_model_facts(model_dir, checkpoint, family):
-    from sdrt.runtime.manifest import FORMAT_VERSION, sha256_file
+    from sdrt.runtime.files import sha256_file
+    from sdrt.runtime.manifest import FORMAT_VERSION
 
     root, ckpt = model_dir(family), checkpoint(family)
     m = _manifest(root)

@@ -7,6 +7,8 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import BackendUnavailable  # noqa: F401  (re-exported)
+
 
 class Engine(Protocol):
     """One component (text encoder, UNet, VAE decoder, ...) ready to run."""
@@ -19,6 +21,3 @@ class Engine(Protocol):
 
     def close(self) -> None: ...
 
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here (package or device missing); the message says what to install."""
