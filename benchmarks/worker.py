@@ -208,12 +208,10 @@ def _patch_randn(gen_holder: list):
 def _diffusers_scheduler(pipe, name):
     import diffusers
 
-    from sdrt.runtime.schedulers import _SCHEDULERS  # name -> (port class with .diffusers_class, implied keys)
+    from sdrt.runtime.schedulers import diffusers_equivalent
 
-    if name not in _SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}")
-    cls, implied = _SCHEDULERS[name]
-    return getattr(diffusers, cls.diffusers_class).from_config(pipe.scheduler.config, **implied)
+    class_name, implied = diffusers_equivalent(name)
+    return getattr(diffusers, class_name).from_config(pipe.scheduler.config, **implied)
 
 
 def run_diffusers(spec: dict) -> dict:

@@ -1,13 +1,119 @@
-"""Writing generated images: PNG with the generation parameters in a text chunk, atomically."""
+"""Images in and out: init images and masks preprocessed as diffusers' VaeImageProcessor does, and PNGs
+written with the generation parameters in a text chunk, atomically."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
+
+from .errors import GenerationError
 from .files import write_atomic
 
 PARAMETERS_KEY = "parameters"
+MASK_MODES = ("1", "L", "RGB")  # grayscale or RGB; anything else (RGBA, palette, CMYK) is refused
+
+
+def _open(image, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as im:
+                im.load()
+                return im
+        except (OSError, UnidentifiedImageError) as e:
+            raise GenerationError(f"cannot read the {what} {image}: {e}") from e
+    return image
+
+
+def _size(image) -> tuple[int, int] | None:
+    """(width, height) of a PIL image or numpy array (None for anything else)."""
+    if hasattr(image, "size") and not isinstance(image, np.ndarray):
+        return tuple(image.size)
+    if isinstance(image, np.ndarray) and image.ndim >= 2:
+        hw = image.shape[-3:-1] if image.ndim >= 3 and image.shape[-1] in (1, 3) else image.shape[-2:]
+        return int(hw[1]), int(hw[0])
+    return None
+
+
+def load_image(image, height: int, width: int, what: str = "init image") -> np.ndarray:
+    """An init image -> (N, 3, H, W) float32 in [-1, 1], as diffusers' VaeImageProcessor.preprocess:
+    a path or PIL image is resized (Lanczos) to height x width; numpy input (N, H, W, 3) or
+    (H, W, 3) in [0, 1] is taken as is."""
+    from PIL import Image
+
+    image = _open(image, what)
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), resample=Image.LANCZOS)
+        arr = np.asarray(image, dtype=np.float32)[None] / 255.0
+    elif isinstance(image, np.ndarray):
+        arr = image.astype(np.float32)
+        arr = arr[None] if arr.ndim == 3 else arr
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise GenerationError(f"a numpy {what} must be (H, W, 3) or (N, H, W, 3) in [0, 1], got shape {image.shape}")
+        if arr.shape[1:3] != (height, width):
+            raise GenerationError(f"the {what} is {arr.shape[2]}x{arr.shape[1]}, the call asks for {width}x{height}")
+    else:
+        raise GenerationError(f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}")
+    return (arr.transpose(0, 3, 1, 2) * 2.0 - 1.0).astype(np.float32)
+
+
+def load_mask(mask, height: int, width: int, image=None) -> np.ndarray:
+    """An inpainting mask -> (N, 1, H, W) float32 of 0 (keep) and 1 (repaint), as diffusers' mask
+    processor (VaeImageProcessor with do_binarize, do_convert_grayscale, no normalization): a path or
+    PIL image is resized (Lanczos) to height x width, then made grayscale; numpy input (H, W),
+    (H, W, 1), (N, H, W, 1) or RGB (H, W, 3) in [0, 1] is taken at its size. Values >= 0.5 are
+    repainted. ``image`` (the init image as given) is checked to be the mask's size."""
+    from PIL import Image
+
+    mask = _open(mask, "mask image")
+    image = _open(image, "init image") if image is not None else None
+    msize, isize = _size(mask), _size(image)
+    if msize is not None and isize is not None and msize != isize:
+        raise GenerationError(
+            f"mask_image is {msize[0]}x{msize[1]} but image is {isize[0]}x{isize[1]}; give a mask of the image's size"
+        )
+    if isinstance(mask, Image.Image):
+        if mask.mode not in MASK_MODES:
+            raise GenerationError(
+                f"mask_image must be grayscale or RGB, got a {mask.mode} image; convert it (PIL: mask.convert('L'))"
+            )
+        if mask.size != (width, height):
+            mask = mask.resize((width, height), resample=Image.LANCZOS)
+        arr = np.asarray(mask.convert("L"), dtype=np.float32)[None, None] / 255.0
+    elif isinstance(mask, np.ndarray):
+        arr = mask.astype(np.float32)
+        if arr.ndim == 3 and arr.shape[-1] == 3:  # RGB: PIL's "L" conversion (ITU-R 601-2 luma)
+            arr = arr @ np.array([0.299, 0.587, 0.114], np.float32)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        elif arr.ndim == 4 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3:
+            raise GenerationError(
+                f"a numpy mask_image must be (H, W), (H, W, 1), (N, H, W, 1) or RGB (H, W, 3) in [0, 1], got shape {mask.shape}"
+            )
+        if arr.shape[1:] != (height, width):
+            raise GenerationError(f"the mask image is {arr.shape[2]}x{arr.shape[1]}, the call asks for {width}x{height}")
+        arr = arr[:, None]
+    else:
+        raise GenerationError(f"mask_image must be a path, a PIL image or a numpy array, got {type(mask).__name__}")
+    return (arr >= 0.5).astype(np.float32)
+
+
+def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
+    """(N, 1, H, W) -> (N, 1, H/f, W/f) by nearest neighbour, as torch.nn.functional.interpolate's default
+    mode (source index floor(i * in / out)) that diffusers resizes the mask to the latents with."""
+    h, w = mask.shape[-2] // factor, mask.shape[-1] // factor
+    rows = np.floor(np.arange(h) * (mask.shape[-2] / h)).astype(np.int64)
+    cols = np.floor(np.arange(w) * (mask.shape[-1] / w)).astype(np.int64)
+    return np.ascontiguousarray(mask[..., rows[:, None], cols[None, :]])
 
 
 def output_paths(out: str | Path, n: int) -> list[Path]:

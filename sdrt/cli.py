@@ -1,4 +1,4 @@
-"""The ``sdrt`` command: export, info (build, generate and bench as their parts land)."""
+"""The ``sdrt`` command: export, build, generate, bench, info."""
 
 from __future__ import annotations
 
@@ -77,8 +77,9 @@ def _cmd_generate(args) -> int:
     out_dir = Path(args.out).absolute().parent
     if not out_dir.is_dir():
         raise UserError(f"the output folder {out_dir} does not exist; create it or choose another --out")
-    if args.init_image and not Path(args.init_image).is_file():
-        raise UserError(f"the init image {args.init_image} does not exist")
+    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{flag} {path} does not exist")
     try:
         pipe = Pipeline.load(model, backend=args.backend, cuda_graph=args.cuda_graph)
     except (ModelDirError, BackendUnavailable, ValueError) as e:
@@ -102,8 +103,7 @@ def _cmd_generate(args) -> int:
             result = pipe(
                 args.prompt,
                 negative_prompt=args.negative_prompt,
-                num_inference_steps=args.steps if args.steps is not None
-                else pipe.generation_defaults.get("num_inference_steps", 30),
+                num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
                 height=args.height,
                 width=args.width,
@@ -111,20 +111,48 @@ def _cmd_generate(args) -> int:
                 seed=seed,
                 scheduler=args.scheduler,
                 image=args.init_image,
+                mask_image=args.mask,
                 strength=args.strength,
                 callback=progress,
             )
-        except (GenerationError, NonFiniteError, ShapeOutsideProfile) as e:
+        except GenerationError as e:
+            raise UserError(_as_flags(str(e))) from e
+        except (NonFiniteError, ShapeOutsideProfile) as e:
             raise UserError(str(e)) from e
         finally:
             for bar in bars:
                 bar.close()
     params = dict(result.parameters)
+    params.update({k: v for k, v in (("init_image", args.init_image), ("mask", args.mask)) if v})
     for i, (image, path) in enumerate(zip(result.images, output_paths(args.out, len(result.images)))):
         save_png(image, path, {**params, "image_index": i})
         print(f"wrote {path}")
     print(f"{pipe.backend}: {result.timings.summary()}")
     return 0
+
+
+# Pipeline argument names -> the `sdrt generate` flags that set them, for error messages.
+_GENERATE_FLAGS = {
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "num_images_per_prompt": "--num-images",
+    "negative_prompt": "--negative-prompt",
+    "mask_image": "--mask",
+    "without image": "without --init-image",
+    "needs image and": "needs --init-image and",
+    "strength": "--strength",
+    "height": "--height",
+    "width": "--width",
+}
+
+
+def _as_flags(message: str) -> str:
+    """A library message, which names Pipeline arguments, with the flags a CLI user types instead."""
+    import re
+
+    for name, flag in _GENERATE_FLAGS.items():
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag, message)
+    return message
 
 
 def _cmd_build(args) -> int:
@@ -181,6 +209,7 @@ def _default_model() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from sdrt import __version__
+    from sdrt.runtime.schedulers import SCHEDULER_NAMES
 
     ap = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion export and torch-free inference runtime.")
     ap.add_argument("--version", action="version", version=f"sdrt {__version__}")
@@ -206,17 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="sdrt model directory (default: the built-in default model)")
     p.add_argument("--out", default="out.png", help="PNG path; several images get -0, -1, ... suffixes (default out.png)")
     p.add_argument("--negative-prompt", help="what the image should not show")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's own, else 30)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's own, else 50)")
     p.add_argument("--guidance", type=float,
                    help="classifier-free guidance scale (default: the model's own, else 7.5; 5.0 for SDXL)")
-    p.add_argument("--scheduler", help="ddim, pndm, euler, euler-a, lms, heun, dpm++2m, dpm++2m-karras, dpm++2m-sde, "
-                   "unipc, lcm (default: the checkpoint's own)")
+    p.add_argument("--scheduler", help=f"{', '.join(SCHEDULER_NAMES)} (default: the checkpoint's own)")
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one)")
     p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's native size)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--init-image", help="image-to-image: the starting image")
-    p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change it, in (0, 1]")
+    p.add_argument("--init-image", help="image to image: the starting image; with --mask, the image to inpaint")
+    p.add_argument("--mask", help="inpainting: a mask of the init image's size, white (>= 50%%) repainted, black kept")
+    p.add_argument("--strength", type=float,
+                   help="how much of the image to change, in (0, 1] (default 0.8; 1.0 for inpainting)")
     p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda or tensorrt (default auto)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="TensorRT: capture the UNet call once as a CUDA graph and replay it every step")

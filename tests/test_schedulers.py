@@ -1,7 +1,8 @@
 """Parity of the numpy schedulers (sdrt.runtime.schedulers) with diffusers, computed here against diffusers itself.
 
-Both sides run the same denoising loop (diffusers' StableDiffusion / Img2Img pipeline order) with the same
-deterministic fake UNet, the same initial noise and, for stochastic samplers, the same per-step noise.
+The diffusers side runs its pipelines' loop (StableDiffusion / Img2Img order), the port runs the runtime's own
+loop function (sdrt.runtime.loop.denoise), both with the same deterministic fake UNet, the same initial noise and,
+for stochastic samplers, the same per-step noise.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from sdrt.runtime.schedulers import SCHEDULER_NAMES, make_scheduler, scheduler_name_for_config  # noqa: E402
-from sdrt.runtime.schedulers import _SCHEDULERS  # noqa: E402
+from sdrt.runtime.loop import denoise  # noqa: E402
+from sdrt.runtime.schedulers import scheduler_class  # noqa: E402
 
 # diffusers' own schedulers hand torch tensors to np.array (numpy 2 DeprecationWarning); not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning:diffusers")
@@ -139,20 +141,28 @@ def run_diffusers(name, config, overrides, n, strength, monkeypatch, seed=0):
 
 
 def run_numpy(name, config, overrides, n, strength, seed=0):
+    """The port through the runtime's own loop (sdrt.runtime.loop.denoise), fed the same fake UNet and noise."""
     sched = make_scheduler(name, config, overrides)
     sched.set_timesteps(n)
-    ts = sched.timesteps
-    noise, init, step_noise = _inputs(seed, len(ts) + 1)
+    noise, init, step_noise = _inputs(seed, len(sched.timesteps) + 1)
     if strength is None:
         start, latents = 0, noise * np.float32(sched.init_noise_sigma)
     else:
         start = _start(n, sched.order, strength)
-        sched.set_begin_index(start)
         latents = sched.add_noise(init, noise, start)
-    for i in range(start, len(ts)):
-        eps = fake_unet(sched.scale_model_input(latents, i), ts[i])
-        latents = sched.step(eps, i, latents, noise=step_noise[i] if sched.needs_noise else None)
-    return sched, latents
+    current = {"i": start - 1}  # the step being taken: the model is called once per step, before its noise
+
+    def model(x, t):
+        current["i"] += 1
+        return fake_unet(x, t)
+
+    class StepNoise:  # step i's predetermined noise, as diffusers' patched randn_tensor gives it
+        @staticmethod
+        def standard_normal(shape, dtype=np.float32):
+            assert tuple(shape) == SHAPE
+            return step_noise[current["i"]]
+
+    return sched, denoise(model, sched, latents, StepNoise(), start=start)
 
 
 def check_parity(name, config, overrides, n, strength, monkeypatch):
@@ -306,7 +316,7 @@ def test_names_and_default_names():
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_defaults_match_diffusers_init(name):
     """Every port's default table is diffusers' __init__ signature (missing keys take these)."""
-    cls, _ = _SCHEDULERS[name]
+    cls = scheduler_class(name)
     params = inspect.signature(diffusers_class(cls.diffusers_class).__init__).parameters
     expected = {k: p.default for k, p in params.items() if k != "self"}
     assert cls.defaults == expected
@@ -354,7 +364,7 @@ def test_unsupported_config_value(name, overrides, key):
 
 
 def test_noise_required_and_flags():
-    needs = {n for n in SCHEDULER_NAMES if make_scheduler(n, SD15).needs_noise}
+    needs = {n for n in SCHEDULER_NAMES if make_scheduler(n, SD15).stochastic}
     assert needs == {"euler-a", "dpm++2m-sde", "lcm"}
     for name in sorted(needs):
         sched = make_scheduler(name, SD15)
@@ -364,7 +374,7 @@ def test_noise_required_and_flags():
             sched.step(x, 0, x)
     lcm = make_scheduler("lcm", SD15)
     lcm.set_timesteps(1)
-    assert not lcm.needs_noise
+    assert not lcm.needs_noise(0)
     assert make_scheduler("heun", SD15).order == 2
 
 

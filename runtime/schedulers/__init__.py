@@ -5,8 +5,10 @@
     latents = noise * sched.init_noise_sigma
     for i, t in enumerate(sched.timesteps):
         eps = unet(sched.scale_model_input(latents, i), t)
-        noise = rng.standard_normal(latents.shape) if sched.needs_noise_at(i) else None
+        noise = rng.standard_normal(latents.shape) if sched.needs_noise(i) else None
         latents = sched.step(eps, i, latents, noise=noise)
+
+(``sdrt.runtime.loop.denoise`` is that loop, with the checks and timings the pipeline needs.)
 
 Each scheduler is configured exactly as ``SchedulerClass.from_config(config, **overrides)`` would be, and steps
 are addressed by index into ``timesteps`` rather than by timestep value.
@@ -19,11 +21,7 @@ from .base import Scheduler, resolve_config
 from .multistep import DPMSolverPP, UniPC
 from .sigma import LMS, Euler, EulerAncestral, Heun
 
-__all__ = ["SCHEDULER_NAMES", "Scheduler", "make_scheduler", "scheduler_name_for_config"]
-
-SCHEDULER_NAMES = (
-    "ddim", "pndm", "euler", "euler-a", "lms", "heun", "dpm++2m", "dpm++2m-karras", "dpm++2m-sde", "unipc", "lcm",
-)
+__all__ = ["SCHEDULER_NAMES", "Scheduler", "diffusers_equivalent", "make_scheduler", "scheduler_class", "scheduler_name_for_config"]
 
 # name -> (class, config keys the name itself implies)
 _SCHEDULERS = {
@@ -39,7 +37,23 @@ _SCHEDULERS = {
     "unipc": (UniPC, {}),
     "lcm": (LCM, {}),
 }
+# The names users pass (Pipeline(scheduler=...), --scheduler), in this order everywhere they are listed.
+SCHEDULER_NAMES = tuple(_SCHEDULERS)
 _BY_CLASS = {cls.diffusers_class: name for name, (cls, implied) in _SCHEDULERS.items() if not implied}
+
+
+def scheduler_class(name: str) -> type[Scheduler]:
+    """The port class behind ``name`` (one of SCHEDULER_NAMES)."""
+    if name not in _SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULER_NAMES)}")
+    return _SCHEDULERS[name][0]
+
+
+def diffusers_equivalent(name: str) -> tuple[str, dict]:
+    """(diffusers class name, config keys the name implies): what ``name`` is in diffusers, e.g.
+    "dpm++2m-karras" -> ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True})."""
+    cls = scheduler_class(name)
+    return cls.diffusers_class, dict(_SCHEDULERS[name][1])
 
 
 def scheduler_name_for_config(config: dict) -> str:
@@ -67,11 +81,9 @@ def make_scheduler(name: str | None, config: dict, overrides: dict | None = None
     overrides = dict(overrides or {})
     if name is None:
         cls, _ = _SCHEDULERS[scheduler_name_for_config(config)]
-    elif name in _SCHEDULERS:
-        cls, implied = _SCHEDULERS[name]
-        overrides.update(implied)
     else:
-        raise ValueError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULER_NAMES)}")
+        cls = scheduler_class(name)
+        overrides.update(_SCHEDULERS[name][1])
     scheduler = cls(resolve_config(cls.defaults, config, overrides, cls.hidden))
     scheduler.name = name or scheduler_name_for_config({**scheduler.config, "_class_name": cls.diffusers_class})
     return scheduler

@@ -171,11 +171,9 @@ class LCM(_AlphaScheduler):
         timestep_scaling=10.0, rescale_betas_zero_snr=False,
     )
 
-    @property
-    def needs_noise(self) -> bool:
-        return len(self.timesteps) != 1  # a single step returns the denoised estimate itself
+    stochastic = True
 
-    def needs_noise_at(self, i: int) -> bool:
+    def needs_noise(self, i: int) -> bool:
         return i != len(self.timesteps) - 1  # the final step returns the denoised estimate itself
 
     def _build(self, n: int) -> None:

@@ -43,33 +43,24 @@ class Scheduler:
     defaults: dict = {}
     hidden: tuple = ()
     order = 1
+    stochastic = False  # whether step() takes fresh noise (ancestral and SDE samplers)
 
     def __init__(self, config: dict):
         self.config = config
         self.timesteps = np.zeros(0, np.float64)
         self.num_inference_steps = None
-        self.begin_index = None
         self.init_noise_sigma = 1.0
 
-    @property
-    def needs_noise(self) -> bool:
-        return False
-
-    def needs_noise_at(self, i: int) -> bool:
+    def needs_noise(self, i: int) -> bool:
         """Whether ``step(..., i, ...)`` uses its ``noise``: draw noise for exactly these steps and a generator
         is consumed as diffusers consumes its own (LCM, for one, draws nothing for its final step)."""
-        return self.needs_noise
+        return self.stochastic
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         n = check_steps(num_inference_steps)
-        self.begin_index = None
         self._build(n)
         self.num_inference_steps = len(self.timesteps)
         self._reset()
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        # Steps are addressed by index already; kept for parity with diffusers' img2img call sequence.
-        self.begin_index = int(begin_index)
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
         return sample
@@ -83,7 +74,7 @@ class Scheduler:
     def _check_step(self, i: int, noise):
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps() before step()")
-        if noise is None and self.needs_noise_at(i):
+        if noise is None and self.needs_noise(i):
             raise ValueError(f"scheduler {self.name!r} needs a `noise` array (standard normal, shaped like sample)")
 
     def __repr__(self) -> str:

@@ -123,7 +123,7 @@ class DPMSolverPP(_Multistep):
         self._train_lambda = np.log(np.sqrt(ac)) - np.log(np.sqrt(1 - ac))  # float32, as diffusers' lambda_t
 
     @property
-    def needs_noise(self) -> bool:
+    def stochastic(self) -> bool:
         return self.sde
 
     def _build(self, n: int) -> None:

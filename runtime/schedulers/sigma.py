@@ -124,9 +124,7 @@ class EulerAncestral(_SigmaScheduler):
     defaults = dict(_BETAS, prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0,
                     rescale_betas_zero_snr=False)
 
-    @property
-    def needs_noise(self) -> bool:
-        return True
+    stochastic = True
 
     def _build(self, n: int) -> None:
         ts = self._spaced(n)

@@ -1,0 +1,97 @@
+"""The denoising loop, in k-diffusion's style: a model callable ``(x, t) -> prediction``, a scheduler
+and latents. Classifier-free guidance and a task's extra UNet channels are small wrappers around the
+model call; a task's per-step work (inpainting's blend) enters as an argument.
+
+    model = guided(unet_callable(engine, record, conditioning, timings), scale)
+    latents = denoise(model, scheduler, latents, rng, start=start)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from .errors import NonFiniteError
+
+Model = Callable[[np.ndarray, float], np.ndarray]  # (B, C, h, w) scaled latents, timestep -> (B, C, h, w)
+
+
+def unet_callable(engine, record: dict, conditioning: list[np.ndarray], unet_times: list | None = None) -> Model:
+    """The UNet engine as ``(x, t) -> prediction``. Inputs are bound by the order the manifest's record
+    lists them: sample, timestep, then ``conditioning`` (the family's: hidden states, ...); the output
+    is the record's first. ``unet_times`` collects the seconds of each call."""
+    names = [t["name"] for t in record["inputs"]]
+    sample, timestep, rest = names[0], names[1], dict(zip(names[2:], conditioning))
+    out = record["outputs"][0]["name"]
+
+    def model(x, t):
+        t0 = time.perf_counter()
+        y = engine(**{sample: x, timestep: np.full((len(x),), t, np.float32)}, **rest)[out]
+        if unet_times is not None:
+            unet_times.append(time.perf_counter() - t0)
+        return y
+
+    return model
+
+
+def with_channels(model: Model, extra: np.ndarray) -> Model:
+    """Feed ``extra`` (B, E, h, w) as more input channels after the latents (an inpainting UNet's mask and
+    masked-image latents), as diffusers' inpainting pipelines concatenate them after scaling."""
+
+    def wrapped(x, t):
+        return model(np.concatenate([x, extra], axis=1), t)
+
+    return wrapped
+
+
+def guided(model: Model, scale: float) -> Model:
+    """Classifier-free guidance (Ho & Salimans 2022): the unconditional and conditional predictions in one
+    batch of 2B, negatives first, as diffusers runs them; ``model``'s conditioning holds 2B rows."""
+    scale = np.float32(scale)
+
+    def wrapped(x, t):
+        uncond, cond = np.split(model(np.concatenate([x, x]), t), 2)
+        return uncond + scale * (cond - uncond)
+
+    return wrapped
+
+
+def denoise(model: Model, scheduler, latents: np.ndarray, rng, *, start: int = 0,
+            after_step: Callable[[np.ndarray, int], np.ndarray] | None = None,
+            callback: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Run ``scheduler``'s steps ``start..`` on ``latents``. ``rng.standard_normal`` gives the fresh noise of
+    stochastic steps; ``after_step(latents, i)`` runs after step ``i`` (inpainting's blend);
+    ``callback(k, n)`` after each of the n steps."""
+    timesteps = scheduler.timesteps
+    n = len(timesteps) - start
+    for k, i in enumerate(range(start, len(timesteps))):
+        t = timesteps[i]
+        pred = model(scheduler.scale_model_input(latents, i).astype(np.float32, copy=False), t)
+        _check_finite(pred, lambda: f"the UNet produced NaN or Inf at step {k + 1}/{n} (timestep {t:g}); "
+                      "no image was written. An fp16 graph overflowing is the usual cause: re-export without --fp16")
+        noise = rng.standard_normal(latents.shape, dtype=np.float32) if scheduler.needs_noise(i) else None
+        latents = scheduler.step(pred, i, latents, noise=noise).astype(np.float32, copy=False)
+        _check_finite(latents, lambda: _step_message(scheduler, k, n, t))
+        if after_step is not None:
+            latents = after_step(latents, i)
+        if callback is not None:
+            callback(k + 1, n)
+    return latents
+
+
+def _check_finite(x: np.ndarray, message: Callable[[], str]) -> None:
+    if not np.isfinite(x).all():
+        raise NonFiniteError(message())
+
+
+def _step_message(scheduler, k: int, n: int, t: float) -> str:
+    cfg = scheduler.config
+    zero_snr_eps = cfg.get("rescale_betas_zero_snr") and cfg.get("prediction_type") == "epsilon"
+    return (
+        f"the {scheduler.name} scheduler step produced NaN or Inf at step {k + 1}/{n} (timestep {t:g}); "
+        "no image was written. "
+        + ("rescale_betas_zero_snr with prediction_type epsilon divides by zero at the last training "
+           "timestep: use it with a v-prediction model" if zero_snr_eps else "check the scheduler settings")
+    )

@@ -1,0 +1,193 @@
+"""The stages every task composes: a checked request, prompt encoding, image encoding, the UNet as a
+model callable, decoding. Each reproduces the diffusers pipeline step of the same name
+(StableDiffusion[XL]Pipeline.encode_prompt, retrieve_latents, prepare_latents, decode_latents)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import GenerationError, NonFiniteError
+from .families import Conditioning
+from .loop import Model, denoise, guided, unet_callable, with_channels
+
+
+@dataclass
+class Timings:
+    """Seconds per stage of one call."""
+
+    tokenize: float = 0.0
+    text_encoder: float = 0.0
+    vae_encoder: float = 0.0
+    unet: list = field(default_factory=list)  # one entry per UNet call
+    scheduler: float = 0.0  # everything in the loop but the UNet: guidance, scaling, step
+    vae_decoder: float = 0.0
+    total: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "tokenize": self.tokenize,
+            "text_encoder": self.text_encoder,
+            "vae_encoder": self.vae_encoder,
+            "unet_total": float(sum(self.unet)),
+            "unet_per_call": [float(x) for x in self.unet],
+            "scheduler": self.scheduler,
+            "vae_decoder": self.vae_decoder,
+            "total": self.total,
+        }
+
+    def summary(self) -> str:
+        n = len(self.unet)
+        per = sum(self.unet) / n if n else 0.0
+        return (
+            f"total {self.total:.2f}s: text encoder {self.tokenize + self.text_encoder:.3f}s, "
+            f"UNet {sum(self.unet):.2f}s ({n} calls, {per * 1000:.1f} ms each), "
+            f"scheduler {self.scheduler * 1000:.1f} ms, "
+            + (f"VAE encoder {self.vae_encoder:.2f}s, " if self.vae_encoder else "")
+            + f"VAE decoder {self.vae_decoder:.2f}s"
+        )
+
+
+@dataclass
+class Request:
+    """One generation call's inputs, checked (Pipeline.__call__ builds it) and what the call is given to
+    work with: the scheduler set to its steps, the noise source, the timings being filled."""
+
+    prompts: list[str]
+    negatives: list[str] | None
+    per_prompt: int
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    scheduler: object
+    rng: object
+    latents: np.ndarray | None = None
+    image: np.ndarray | None = None  # (N, 3, H, W) in [-1, 1]
+    mask: np.ndarray | None = None  # (N, 1, H, W) of 0 (keep) / 1 (repaint)
+    strength: float = 1.0
+    callback: object = None
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.per_prompt
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+def run_single(pipe, component: str, x: np.ndarray) -> np.ndarray:
+    """A one-input, one-output component (the VAE's halves), by the names its record gives."""
+    rec = pipe.manifest["components"][component]
+    return pipe.engine(component)(**{rec["inputs"][0]["name"]: x})[rec["outputs"][0]["name"]]
+
+
+def encode_prompt(pipe, req: Request) -> Conditioning:
+    """The UNet's conditioning for the batch: (B, 77, D) rows per image, and under guidance the negatives
+    first (2B rows), as diffusers' encode_prompt + torch.cat([negative, positive])."""
+    family, t = pipe.family, req.timings
+
+    def encode(texts):
+        t0 = time.perf_counter()
+        ids = [tok(texts) for tok in pipe.tokenizers]
+        t1 = time.perf_counter()
+        cond = family.encode_text(pipe.engines, pipe.manifest, ids)
+        t.tokenize += t1 - t0
+        t.text_encoder += time.perf_counter() - t1
+        return cond.repeat(req.per_prompt)
+
+    cond = encode(req.prompts)
+    if req.cfg:
+        negative = family.negative_for_empty_prompt(cond, pipe.manifest) if req.negatives is None else None
+        if negative is None:
+            negative = encode(req.negatives or [""] * len(req.prompts))
+        cond = Conditioning.concat(negative, cond)
+    pipe.done_with(*family.text_encoders)
+    return cond
+
+
+def unet_model(pipe, req: Request, cond: Conditioning, extra_channels: np.ndarray | None = None) -> Model:
+    """The UNet as the loop's model: bound to the family's conditioning, fed ``extra_channels`` (B, E, h, w)
+    after the latents when given, under classifier-free guidance when the scale asks for it."""
+    conditioning = pipe.family.unet_conditioning(cond, pipe.manifest, req.height, req.width)
+    model = unet_callable(pipe.engine("unet"), pipe.manifest["components"]["unet"], conditioning, req.timings.unet)
+    if extra_channels is not None:
+        model = with_channels(model, np.concatenate([extra_channels] * 2) if req.cfg else extra_channels)
+    return guided(model, req.guidance_scale) if req.cfg else model
+
+
+def run_loop(req: Request, model: Model, latents: np.ndarray, *, start: int = 0, after_step=None) -> np.ndarray:
+    """loop.denoise over the request's scheduler and noise, timed: the UNet's calls time themselves,
+    the rest of the loop (guidance, scaling, the step rule, a task's per-step work) is the scheduler's."""
+    t0, unet0 = time.perf_counter(), sum(req.timings.unet)
+    latents = denoise(model, req.scheduler, latents, req.rng, start=start, after_step=after_step, callback=req.callback)
+    req.timings.scheduler += time.perf_counter() - t0 - (sum(req.timings.unet) - unet0)
+    return latents
+
+
+def latent_shape(pipe, req: Request) -> tuple[int, int, int, int]:
+    f = pipe.manifest["vae_scale_factor"]
+    return (req.batch, pipe.manifest["latent_channels"], req.height // f, req.width // f)
+
+
+def first_step(req: Request) -> int:
+    """The index of the first step that runs at ``strength`` (diffusers' get_timesteps): the last
+    int(steps * strength) steps, each counted ``scheduler.order`` times."""
+    sched, n = req.scheduler, req.steps
+    start = max(n - min(int(n * req.strength), n), 0) * sched.order
+    if start >= len(sched.timesteps):
+        raise GenerationError(f"strength {req.strength} with {n} steps leaves no denoising step; raise strength or steps")
+    return start
+
+
+def per_image(x: np.ndarray, req: Request, what: str) -> np.ndarray:
+    """Rows of ``x`` for each image of the batch: one row for all, one per prompt, or one per image."""
+    n, per = len(req.prompts), req.per_prompt
+    if len(x) == req.batch:
+        return x
+    if len(x) == 1:
+        return np.repeat(x, req.batch, axis=0)
+    if len(x) == n:
+        return np.repeat(x, per, axis=0)
+    raise GenerationError(f"{len(x)} {what}s for {n} prompts; give one {what}, or one per prompt")
+
+
+def encode_image(pipe, image: np.ndarray, req: Request, what: str = "init image") -> np.ndarray:
+    """image (N, 3, H, W) in [-1, 1] -> scaled latents, one row per image of the batch, sampled from the
+    encoder's distribution with ``req.rng`` as diffusers' retrieve_latents(sample_mode="sample")."""
+    m = pipe.manifest
+    if len(image) not in (1, len(req.prompts), req.batch):
+        raise GenerationError(f"{len(image)} {what}s for {len(req.prompts)} prompts; give one {what}, or one per prompt")
+    t0 = time.perf_counter()
+    params = run_single(pipe, "vae_encoder", image)  # (N, 2C, h, w): mean and log-variance
+    mean, logvar = np.split(params, 2, axis=1)
+    std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+    latents = mean + std * req.rng.standard_normal(mean.shape, dtype=np.float32)
+    if m.get("vae_shift_factor") is not None:
+        latents = latents - np.float32(m["vae_shift_factor"])
+    latents = (latents * np.float32(m["vae_scaling_factor"])).astype(np.float32)
+    req.timings.vae_encoder += time.perf_counter() - t0
+    return per_image(latents, req, what)
+
+
+def decode(pipe, latents: np.ndarray, req: Request) -> np.ndarray:
+    """Scaled latents -> float32 (B, H, W, 3) images in [0, 1]."""
+    pipe.done_with("unet", "vae_encoder")
+    t0 = time.perf_counter()
+    m = pipe.manifest
+    z = latents / np.float32(m["vae_scaling_factor"])
+    if m.get("vae_shift_factor") is not None:
+        z = z + np.float32(m["vae_shift_factor"])
+    image = run_single(pipe, "vae_decoder", z.astype(np.float32))  # (B, 3, H, W) in [-1, 1]
+    if not np.isfinite(image).all():
+        raise NonFiniteError(
+            "the VAE decoder produced NaN or Inf; no image was written. An fp16 VAE overflowing is the usual "
+            "cause: re-export without --fp16-vae"
+        )
+    pipe.done_with("vae_decoder")
+    req.timings.vae_decoder += time.perf_counter() - t0
+    return np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
