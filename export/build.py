@@ -1,7 +1,7 @@
 """``sdrt build``: TensorRT engines for this GPU from a model directory's ONNX graphs.
 
 One engine per component, with one optimization profile computed from the user's ranges and the
-manifest's named dimensions (runtime.engines). Plans go to ``engines/<gpu-key>/<component>.plan``,
+manifest's named dimensions (export.profiles). Plans go to ``engines/<gpu-key>/<component>.plan``,
 each written atomically, and are recorded in sdrt.json (rewritten atomically after every engine).
 An engine already built for the same key, ONNX, profile and precision is reused unless ``force``.
 
@@ -18,20 +18,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from sdrt.runtime.engines import DeviceFacts, engine_dir, gpu_key, onnx_hashes, plan_relpath
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.engines import (
-    DeviceFacts,
-    RangeError,
-    engine_dir,
-    gpu_key,
-    onnx_hashes,
-    plan_relpath,
-    profiles,
-    resolve_ranges,
-    reuse_decision,
-)
 from sdrt.runtime.files import write_atomic, write_json_atomic
 from sdrt.runtime.manifest import ModelDirError, load_manifest
+
+from .profiles import RangeError, profiles, resolve_ranges, reuse_decision
 
 
 class BuildError(SdrtError, RuntimeError):

@@ -20,9 +20,8 @@ from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.files import default_mode, sha256_file, write_json_atomic
 from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, check_generation_defaults
 
-from . import onnx_graph
+from . import families, onnx_graph
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .components import components_for
 from .validate import FP16_MAX_REL, FP32_MAX_REL, ValidationError, validate
 
 
@@ -64,27 +63,6 @@ def _write_tokenizer(tok, dest: Path) -> dict:
     }
 
 
-def _model_facts(ckpt: Checkpoint) -> dict:
-    vae, unet = ckpt.vae.config, ckpt.unet.config
-    vae_scale = 2 ** (len(vae.block_out_channels) - 1)
-    facts = {
-        "family": ckpt.family,
-        "prediction_type": ckpt.scheduler_config.get("prediction_type", "epsilon"),
-        "latent_channels": unet.in_channels,
-        "vae_scale_factor": vae_scale,
-        "vae_scaling_factor": float(vae.scaling_factor),
-        "vae_shift_factor": float(vae.shift_factor) if getattr(vae, "shift_factor", None) is not None else None,
-        # Latents are divided by the scaling factor (and shifted) by the runtime, outside the decoder graph.
-        "vae_scaling": "runtime",
-        "native_resolution": int(unet.sample_size) * vae_scale,
-        "scheduler_class": ckpt.scheduler_config.get("_class_name"),
-    }
-    if ckpt.family == "sdxl":
-        facts["force_zeros_for_empty_prompt"] = ckpt.extras.get("force_zeros_for_empty_prompt", True)
-        facts["addition_time_embed_dim"] = unet.addition_time_embed_dim
-    return facts
-
-
 def export_model(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -109,7 +87,7 @@ def export_model(
     t0 = time.perf_counter()
     log(f"loading {checkpoint}")
     ckpt = load_checkpoint(checkpoint, config)
-    log(f"  family {ckpt.family}, loaded in {time.perf_counter() - t0:.1f}s")
+    log(f"  family {ckpt.family}, task {ckpt.task}, loaded in {time.perf_counter() - t0:.1f}s")
 
     _remove_stale_work_dirs(out)
     try:
@@ -175,7 +153,8 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
         (work / "scheduler" / "scheduler_config.json").write_text(json.dumps(ckpt.scheduler_config, indent=2) + "\n")
     (work / "model_index.json").write_text(json.dumps(ckpt.model_index, indent=2) + "\n")
 
-    comps = components_for(ckpt, max_length=tokenizers[0]["max_length"])
+    family = families.get(ckpt.family)
+    comps = family.components(ckpt, max_length=tokenizers[0]["max_length"])
     records = {}
     for n, comp in enumerate(comps, 1):
         half = fp16 and (not comp.name.startswith("vae") or fp16_vae)
@@ -222,7 +201,7 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
     manifest = {
         "format_version": FORMAT_VERSION,
         "sdrt_version": __version__,
-        **_model_facts(ckpt),
+        **family.manifest_facts(ckpt),
         "tokenizers": tokenizers,
         "components": records,
         "engines": {},

@@ -7,7 +7,9 @@ transformers construct every model from a config, so a checkpoint with the real 
     python -m sdrt.export.testing sd1 /tmp/sd1 [--seed 0]
 
 Families: ``sd1``, ``sd2`` (v-prediction, OpenCLIP-style text encoder), ``sdxl`` (two text encoders,
-text_time embeddings) are small (an export takes seconds); ``sd1-full`` has the real Stable Diffusion
+text_time embeddings) are small (an export takes seconds); ``sd1-inpaint``, ``sd2-inpaint`` and
+``sdxl-inpaint`` are the same with an inpainting UNet (9 input channels: latents, mask, masked-image
+latents) under diffusers' inpainting pipeline classes; ``sd1-full`` has the real Stable Diffusion
 1.5 sizes (UNet ~860M parameters) for export and benchmark work at scale.
 
 Tokenizers use the real CLIP BPE vocabulary (49408 tokens). It ships inside the open_clip_torch
@@ -28,7 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd1-full")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd1-inpaint", "sd2-inpaint", "sdxl-inpaint", "sd1-full")
+INPAINT_SUFFIX = "-inpaint"
 
 # The scheduler configs exactly as the public checkpoints ship them.
 SD15_SCHEDULER = {
@@ -107,8 +110,29 @@ def _clip_text(hidden, layers, act, pad_token_id, projection_dim=None, heads=4):
     )
 
 
+# model_index.json entries beside the components', as the public checkpoints have them.
+SD_INDEX = dict(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+SDXL_INDEX = dict(
+    text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+    tokenizer_2=["transformers", "CLIPTokenizer"],
+    force_zeros_for_empty_prompt=True,
+)
+# diffusers' inpainting pipeline for each text-to-image one, and what its model_index adds
+# (diffusers/stable-diffusion-xl-1.0-inpainting-0.1: no aesthetic score, unlike the refiner).
+INPAINT_PIPELINES = {
+    "StableDiffusionPipeline": ("StableDiffusionInpaintPipeline", {}),
+    "StableDiffusionXLPipeline": ("StableDiffusionXLInpaintPipeline", {"requires_aesthetics_score": False}),
+}
+
+
 def family_spec(family: str) -> dict:
-    """Configs of every component of a test checkpoint of ``family``."""
+    """Configs of every component of a test checkpoint of ``family``, its pipeline class and model_index extras."""
+    if family.endswith(INPAINT_SUFFIX):
+        spec = family_spec(family[: -len(INPAINT_SUFFIX)])
+        pipeline, extra = INPAINT_PIPELINES[spec["pipeline"]]
+        # latents + mask + masked-image latents, as diffusers' inpainting UNets take them
+        unet = dict(spec["unet"], in_channels=2 * spec["vae"]["latent_channels"] + 1)
+        return dict(spec, unet=unet, pipeline=pipeline, model_index={**spec["model_index"], **extra})
     if family == "sd1":
         return dict(
             text_encoder=_clip_text(32, 3, "quick_gelu", 49407),
@@ -127,6 +151,8 @@ def family_spec(family: str) -> dict:
             ),
             vae=dict(SMALL_VAE, scaling_factor=0.18215),
             scheduler=SD15_SCHEDULER,
+            pipeline="StableDiffusionPipeline",
+            model_index=SD_INDEX,
         )
     if family == "sd2":
         return dict(
@@ -148,6 +174,8 @@ def family_spec(family: str) -> dict:
             ),
             vae=dict(SMALL_VAE, scaling_factor=0.18215),
             scheduler=SD21_SCHEDULER,
+            pipeline="StableDiffusionPipeline",
+            model_index=SD_INDEX,
         )
     if family == "sdxl":
         return dict(
@@ -174,6 +202,8 @@ def family_spec(family: str) -> dict:
             ),
             vae=dict(SMALL_VAE, scaling_factor=0.13025, force_upcast=True),
             scheduler=SDXL_SCHEDULER,
+            pipeline="StableDiffusionXLPipeline",
+            model_index=SDXL_INDEX,
         )
     if family == "sd1-full":
         return dict(
@@ -205,6 +235,8 @@ def family_spec(family: str) -> dict:
                 scaling_factor=0.18215,
             ),
             scheduler=SD15_SCHEDULER,
+            pipeline="StableDiffusionPipeline",
+            model_index=SD_INDEX,
         )
     raise ValueError(f"unknown test family {family!r}; choose one of {', '.join(FAMILIES)}")
 
@@ -325,9 +357,8 @@ def build_checkpoint(family: str, out_dir: str | os.PathLike, seed: int = 0) -> 
         del vae
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(spec["scheduler"], indent=2) + "\n")
-    xl = "text_encoder_2" in spec
     index = {
-        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+        "_class_name": spec["pipeline"],
         "_diffusers_version": "0.42.1",
         "scheduler": ["diffusers", spec["scheduler"]["_class_name"]],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -335,14 +366,7 @@ def build_checkpoint(family: str, out_dir: str | os.PathLike, seed: int = 0) -> 
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    if xl:
-        index.update(
-            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-            tokenizer_2=["transformers", "CLIPTokenizer"],
-            force_zeros_for_empty_prompt=True,
-        )
-    else:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    index.update(spec["model_index"])
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
 

@@ -15,7 +15,7 @@ def describe(model_dir: str | Path) -> str:
     m = load_manifest(model_dir)
     lines = [
         f"{Path(model_dir)}: sdrt model directory, format {m['format_version']}, written by sdrt {m.get('sdrt_version', '?')}",
-        f"  family {m['family']}, prediction {m['prediction_type']}, native {m['native_resolution']}x{m['native_resolution']}, "
+        f"  family {m['family']}, task {m.get('task', 'text-to-image')}, prediction {m['prediction_type']}, native {m['native_resolution']}x{m['native_resolution']}, "
         f"latent channels {m['latent_channels']}, VAE scale {m['vae_scale_factor']} (scaling factor {m['vae_scaling_factor']}"
         + (f", shift {m['vae_shift_factor']}" if m.get("vae_shift_factor") is not None else "")
         + ")",

@@ -63,9 +63,8 @@ class Pipeline:
         ``cuda_graph`` (TensorRT backend): capture the UNet call once and replay it every step."""
         model_dir = Path(path)
         manifest = load_manifest(model_dir)
-        family = family_for(manifest)
         kind, engines = select(backend, model_dir, manifest, threads=threads, low_memory=low_memory,
-                               cuda_graph=cuda_graph, lazy=family.optional)
+                               cuda_graph=cuda_graph)
         tokenizers = [ClipTokenizer.from_manifest(model_dir, rec) for rec in manifest["tokenizers"]]
         return cls(model_dir, manifest, kind, engines, tokenizers, low_memory=low_memory)
 

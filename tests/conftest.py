@@ -13,6 +13,8 @@ import pytest
 
 HAVE_EXPORT = all(importlib.util.find_spec(m) for m in ("torch", "diffusers", "transformers", "onnx"))
 SMALL_FAMILIES = ("sd1", "sd2", "sdxl")
+# The same with an inpainting UNet (9 input channels) under diffusers' inpainting pipeline classes.
+INPAINT_FAMILIES = ("sd1-inpaint", "sd2-inpaint", "sdxl-inpaint")
 
 
 def _session_cache(tmp_path_factory, kind: str, family: str, make) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SMALL_FAMILIES
+from conftest import INPAINT_FAMILIES, SMALL_FAMILIES
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -76,7 +76,8 @@ def test_manifest_records_the_model_facts(model_dir, checkpoint, family):
     assert m["format_version"] == FORMAT_VERSION
     assert m["family"] == family
     assert m["prediction_type"] == ("v_prediction" if family == "sd2" else "epsilon")
-    assert m["latent_channels"] == unet_cfg["in_channels"]
+    assert m["latent_channels"] == vae_cfg["latent_channels"]
+    assert m["task"] == "text-to-image" and m["unet_in_channels"] == unet_cfg["in_channels"] == 4
     assert m["vae_scaling_factor"] == vae_cfg["scaling_factor"]
     assert m["vae_scale_factor"] == 8
     assert m["native_resolution"] == unet_cfg["sample_size"] * 8
@@ -98,6 +99,63 @@ def test_sdxl_exposes_penultimate_hidden_states_and_pooled_embedding(model_dir):
     assert [o["name"] for o in m["components"]["text_encoder"]["outputs"]] == ["hidden_states"]
     assert [o["name"] for o in m["components"]["text_encoder_2"]["outputs"]] == ["hidden_states", "text_embeds"]
     assert [i["name"] for i in m["components"]["unet"]["inputs"]][-2:] == ["text_embeds", "time_ids"]
+
+
+@pytest.mark.parametrize("family", INPAINT_FAMILIES)
+def test_inpainting_checkpoint_exports_with_a_nine_channel_unet(model_dir, checkpoint, family):
+    root = model_dir(family)
+    m = _manifest(root)
+    index = json.loads((checkpoint(family) / "model_index.json").read_text())
+    assert index["_class_name"] in ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")
+    assert m["family"] == family.removesuffix("-inpaint")
+    assert (m["task"], m["unet_in_channels"], m["latent_channels"]) == ("inpainting", 9, 4)
+    unet = m["components"]["unet"]
+    assert unet["inputs"][0] == {"name": "sample", "dtype": "float32", "shape": ["batch", 9, "latent_height", "latent_width"]}
+    assert unet["outputs"][0]["shape"] == ["batch", 4, "latent_height", "latent_width"]
+    assert m["components"]["vae_decoder"]["inputs"][0]["shape"][1] == 4
+    assert unet["validation"]["max_rel_error"] <= 1e-3
+
+
+def test_inpaint_pipeline_with_a_four_channel_unet_exports_as_text_to_image(checkpoint, tmp_path):
+    from sdrt.export.exporter import export_model
+
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoint("sd1"), ck)
+    index = json.loads((ck / "model_index.json").read_text())
+    (ck / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionInpaintPipeline"}))
+    m = export_model(ck, tmp_path / "out", log=lambda *_: None)
+    assert (m["task"], m["unet_in_channels"]) == ("text-to-image", 4)
+
+
+def _with_unet_config(src: Path, dest: Path, **changes) -> Path:
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "unet/config.json").read_text())
+    (dest / "unet/config.json").write_text(json.dumps({**cfg, **changes}))
+    return dest
+
+
+def test_error_unsupported_unet_channel_count(capsys, checkpoint, tmp_path):
+    ck = _with_unet_config(checkpoint("sd1"), tmp_path / "ck", in_channels=7)
+    code, err = _cli(capsys, "export", ck, "--out", tmp_path / "out")
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "the UNet has 7 input channels" in err and "4 (text to image)" in err and "9 (inpainting" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_latent_channels_come_from_the_vae(checkpoint, tmp_path):
+    from sdrt.export.checkpoint import CheckpointError, load_checkpoint
+    from sdrt.export.families import get
+
+    ckpt = load_checkpoint(checkpoint("sd1-inpaint"))
+    assert ckpt.unet.config.in_channels == 9
+    assert get(ckpt.family).manifest_facts(ckpt)["latent_channels"] == ckpt.vae.config.latent_channels == 4
+    # a VAE with other latent channels changes what the UNet must take: 9 no longer fits
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoint("sd1-inpaint"), ck)
+    vae = json.loads((ck / "vae/config.json").read_text())
+    (ck / "vae/config.json").write_text(json.dumps({**vae, "latent_channels": 16}))
+    with pytest.raises(CheckpointError, match="9 input channels and the VAE 16 latent channels.*16 \\(text to image\\) and 33"):
+        load_checkpoint(ck)
 
 
 PROMPTS = [

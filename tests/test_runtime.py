@@ -299,7 +299,7 @@ def test_nan_from_an_engine_is_an_error_naming_the_stage(model_dir, stage, outpu
 
 @pytest.mark.parametrize("args, match", [
     (["--height", "100"], "height 100 is not a multiple of 8"),
-    (["--steps", "0"], "num_inference_steps must be an integer >= 1"),
+    (["--steps", "0"], "--steps must be an integer >= 1"),  # the library names the argument, the CLI the flag
     (["--scheduler", "nope"], "valid names"),
     (["--init-image", "/nonexistent.png"], "does not exist"),
     (["--negative-prompt", "x", "--strength", "2", "--init-image", "__init__"], "strength must be in"),

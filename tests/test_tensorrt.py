@@ -18,17 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sdrt.export.profiles import RangeError, component_profile, resolve_ranges, reuse_decision
 from sdrt.runtime.engines import (
     DeviceFacts,
     EngineMismatch,
-    RangeError,
     ShapeOutsideProfile,
     check_engine_set,
     check_shapes,
-    component_profile,
     gpu_key,
-    resolve_ranges,
-    reuse_decision,
 )
 
 H100 = DeviceFacts("NVIDIA H100 80GB HBM3", "9.0", "10.8.0.43")

@@ -64,11 +64,12 @@ def resolve_backend(name: str, model_dir: Path | None = None, manifest: dict | N
 
 
 def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = None,
-           low_memory: bool = False, cuda_graph: bool = False, lazy=("vae_encoder",)) -> tuple[str, dict]:
+           low_memory: bool = False, cuda_graph: bool = False) -> tuple[str, dict]:
     """(resolved backend name, {component: Engine}) for every component in the manifest.
-    ``lazy`` names the components that open on first use (those only some tasks need: the family's
-    optional ones); ``low_memory`` opens every engine lazily (the pipeline closes each after its stage).
+    What only some tasks need (the VAE encoder) opens on first use (engines.opens_lazily);
+    ``low_memory`` opens every engine lazily (the pipeline closes each after its stage).
     ``cuda_graph`` (TensorRT): capture the UNet call once and replay it each step."""
+    from ..engines import opens_lazily
     from .onnxruntime import OrtEngine, cuda_available
 
     kind = resolve_backend(backend, model_dir, manifest)
@@ -90,7 +91,7 @@ def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = 
         def open_engine(name=name, rec=rec):
             return OrtEngine(name, model_dir, rec, provider=provider, threads=threads)
 
-        engines[name] = LazyEngine(name, open_engine) if low_memory or name in lazy else open_engine()
+        engines[name] = LazyEngine(name, open_engine) if opens_lazily(name, low_memory) else open_engine()
     return kind, engines
 
 

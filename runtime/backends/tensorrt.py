@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engines import DeviceFacts, EngineMismatch, check_engine_set, check_shapes
+from ..engines import DeviceFacts, EngineMismatch, check_engine_set, check_shapes, opens_lazily
 from .base import BackendUnavailable
 
 INSTALL = "pip install 'sdrt[tensorrt]'"
@@ -384,6 +384,5 @@ def open_engines(model_dir: Path, manifest: dict, records: dict[str, dict], *, c
                     f"{model_dir} has no usable TensorRT engine for {name} on this GPU; build it with "
                     f"`sdrt build {model_dir} --components {name}`"
                 )
-        lazy = low_memory or name == "vae_encoder"
-        engines[name] = LazyEngine(name, open_engine) if lazy else open_engine()
+        engines[name] = LazyEngine(name, open_engine) if opens_lazily(name, low_memory) else open_engine()
     return engines

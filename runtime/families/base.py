@@ -55,9 +55,9 @@ class Family:
 
     name: str = ""
     text_encoders: tuple[str, ...] = ("text_encoder",)
-    # the components every generation runs, and those only some tasks need (opened on first use)
+    # the components every generation runs (opened and checked at load; the rest, the VAE encoder,
+    # only some tasks need: engines.opens_lazily opens them on first use)
     required: tuple[str, ...] = ()
-    optional: tuple[str, ...] = ("vae_encoder",)
     default_guidance: float = 7.5
 
     def encode_text(self, engines, manifest: dict, token_ids: list[np.ndarray]) -> Conditioning:
