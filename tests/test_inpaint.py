@@ -23,10 +23,12 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from test_parity import IMAGE, NEGATIVE, PROMPT, SIZE, TOL, RecordingGenerator, patch_randn_tensor  # noqa: E402
+# the text-to-image parity suite's inputs, noise recorder, fixtures (sdrt pipelines by name, one torch thread)
+from test_parity import (  # noqa: E402,F401
+    IMAGE, NEGATIVE, PROMPT, SIZE, TOL, RecordingGenerator, patch_randn_tensor, sdrt_pipeline, single_thread,
+)
 
 from sdrt.runtime.errors import GenerationError  # noqa: E402
-from sdrt.runtime.pipeline import Pipeline  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -61,14 +63,6 @@ def make_mask(size: int = SIZE):
 MASK = make_mask()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     cache = {}
@@ -82,20 +76,6 @@ def reference(checkpoint):
         return cache[name]
 
     return get
-
-
-@pytest.fixture(scope="module")
-def sdrt_pipeline(model_dir):
-    cache = {}
-
-    def get(name) -> Pipeline:
-        if name not in cache:
-            cache[name] = Pipeline.load(model_dir(name), backend="ort-cpu", threads=1)
-        return cache[name]
-
-    yield get
-    for pipe in cache.values():
-        pipe.close()
 
 
 def run_pair(reference, sdrt_pipeline, monkeypatch, name, scheduler, strength, **settings):
