@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdrt.runtime.manifest import INPAINTING, TEXT_TO_IMAGE
+
 from .checkpoint import Checkpoint, CheckpointError
 
-TEXT_TO_IMAGE, INPAINTING = "text-to-image", "inpainting"
 
 # Pipelines of other architectures, named so the error can say what the checkpoint is.
 UNSUPPORTED_PIPELINES = {

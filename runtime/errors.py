@@ -12,6 +12,10 @@ class SdrtError(Exception):
     """Base of every error sdrt raises deliberately; the message says what was wrong and what to do."""
 
 
+class ConfigError(SdrtError, ValueError):
+    """An option sdrt does not know or support: a backend or scheduler name, a scheduler setting."""
+
+
 class GenerationError(SdrtError, ValueError):
     """Bad input to a generation call; the message says what was wrong and what to do."""
 

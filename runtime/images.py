@@ -30,7 +30,9 @@ def _open(image, what: str):
 
 def _size(image) -> tuple[int, int] | None:
     """(width, height) of a PIL image or numpy array (None for anything else)."""
-    if hasattr(image, "size") and not isinstance(image, np.ndarray):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
         return tuple(image.size)
     if isinstance(image, np.ndarray) and image.ndim >= 2:
         hw = image.shape[-3:-1] if image.ndim >= 3 and image.shape[-1] in (1, 3) else image.shape[-2:]
@@ -87,6 +89,8 @@ def load_mask(mask, height: int, width: int, image=None) -> np.ndarray:
         arr = np.asarray(mask.convert("L"), dtype=np.float32)[None, None] / 255.0
     elif isinstance(mask, np.ndarray):
         arr = mask.astype(np.float32)
+        if arr.ndim in (3, 4) and arr.shape[-1] not in (1, 3) and arr.shape[-1] <= 4:
+            raise GenerationError(f"mask_image must be grayscale or RGB, got a numpy array of shape {mask.shape}")
         if arr.ndim == 3 and arr.shape[-1] == 3:  # RGB: PIL's "L" conversion (ITU-R 601-2 luma)
             arr = arr @ np.array([0.299, 0.587, 0.114], np.float32)
         if arr.ndim == 3 and arr.shape[-1] == 1:

@@ -16,7 +16,9 @@ def describe(model_dir: str | Path) -> str:
     lines = [
         f"{Path(model_dir)}: sdrt model directory, format {m['format_version']}, written by sdrt {m.get('sdrt_version', '?')}",
         f"  family {m['family']}, task {m.get('task', 'text-to-image')}, prediction {m['prediction_type']}, native {m['native_resolution']}x{m['native_resolution']}, "
-        f"latent channels {m['latent_channels']}, VAE scale {m['vae_scale_factor']} (scaling factor {m['vae_scaling_factor']}"
+        f"latent channels {m['latent_channels']}"
+        + (f", UNet input channels {m['unet_in_channels']}" if "unet_in_channels" in m else "")
+        + f", VAE scale {m['vae_scale_factor']} (scaling factor {m['vae_scaling_factor']}"
         + (f", shift {m['vae_shift_factor']}" if m.get("vae_shift_factor") is not None else "")
         + ")",
         f"  scheduler {m.get('scheduler_class')}; tokenizer max length {m['tokenizers'][0]['max_length']}",

@@ -15,7 +15,11 @@ from pathlib import Path
 from .errors import ModelDirError
 
 MANIFEST_NAME = "sdrt.json"
-FORMAT_VERSION = 1
+# What a model's UNet was trained for (manifest "task"; absent in format 1: text to image).
+TEXT_TO_IMAGE, INPAINTING = "text-to-image", "inpainting"
+# 2: the UNet's task and input channels (inpainting UNets take 9): an older sdrt refuses such a model
+# instead of failing inside the engine; version 1 directories (text to image only) still load.
+FORMAT_VERSION = 2
 # Optional ``generation_defaults``: the sampling settings a model is meant to run with (as a
 # transformers model's generation_config.json), used when a call does not give them.
 GENERATION_DEFAULTS = ("guidance_scale", "num_inference_steps")

@@ -23,8 +23,8 @@ from .families import family_for
 from .images import load_image, load_mask
 from .manifest import load_manifest
 from .schedulers import make_scheduler
-from .stages import Request, Timings, decode
-from .tasks import pick_task
+from .stages import Request, Timings, decode, latent_shape
+from .tasks import TASK_NAMES, pick_task
 from .tokenizer import ClipTokenizer
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -67,10 +67,6 @@ class Pipeline:
                                cuda_graph=cuda_graph)
         tokenizers = [ClipTokenizer.from_manifest(model_dir, rec) for rec in manifest["tokenizers"]]
         return cls(model_dir, manifest, kind, engines, tokenizers, low_memory=low_memory)
-
-    @property
-    def _engines(self) -> dict:  # the name tests and older callers used
-        return self.engines
 
     def engine(self, name: str):
         return self.engines[name]
@@ -132,7 +128,7 @@ class Pipeline:
             "scheduler": req.scheduler.name,
             "scheduler_config": scheduler_config,
             "strength": strength if image is not None else None,
-            "task": task.__name__.replace("_", "-"),
+            "task": TASK_NAMES[task],
             "model": self.model_dir.name,
             "backend": self.backend,
         }
@@ -167,8 +163,9 @@ class Pipeline:
             raise GenerationError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
         if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
             raise GenerationError(f"num_images_per_prompt must be an integer >= 1, got {per_prompt!r}")
-        if image is not None and not (0.0 < strength <= 1.0):
-            raise GenerationError(f"strength must be in (0, 1], got {strength}")
+        if image is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating))
+                                  or not 0.0 < strength <= 1.0):
+            raise GenerationError(f"strength must be in (0, 1] (a number), got {strength!r}")
         if output_type not in OUTPUT_TYPES:
             raise GenerationError(f"output_type must be 'pil' or 'np' (or 'latent' for the latents themselves), got {output_type!r}")
         negatives = None
@@ -192,9 +189,10 @@ class Pipeline:
             req.mask = load_mask(mask_image, height, width, image=image)
         if image is not None:
             req.image = load_image(image, height, width)
+        if req.mask is not None and len(req.mask) not in (1, len(req.image)) and len(req.image) != 1:
+            raise GenerationError(f"{len(req.mask)} mask images for {len(req.image)} images; give one mask, or one per image")
         if latents is not None:
-            f = m["vae_scale_factor"]
-            shape = (req.batch, m["latent_channels"], height // f, width // f)
+            shape = latent_shape(self, req)
             req.latents = np.asarray(latents, dtype=np.float32)
             if req.latents.shape != shape:
                 raise GenerationError(f"latents have shape {req.latents.shape}, expected {shape} for this batch and size")

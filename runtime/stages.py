@@ -120,12 +120,16 @@ def unet_model(pipe, req: Request, cond: Conditioning, extra_channels: np.ndarra
     return guided(model, req.guidance_scale) if req.cfg else model
 
 
-def run_loop(req: Request, model: Model, latents: np.ndarray, *, start: int = 0, after_step=None) -> np.ndarray:
+def run_loop(pipe, req: Request, model: Model, latents: np.ndarray, *, start: int = 0, after_step=None) -> np.ndarray:
     """loop.denoise over the request's scheduler and noise, timed: the UNet's calls time themselves,
-    the rest of the loop (guidance, scaling, the step rule, a task's per-step work) is the scheduler's."""
+    the rest of the loop (guidance, scaling, the step rule, a task's per-step work) is the scheduler's.
+    Under low_memory the VAE encoder (every task has encoded its images by now) and, after, the UNet
+    are released."""
+    pipe.done_with("vae_encoder")
     t0, unet0 = time.perf_counter(), sum(req.timings.unet)
     latents = denoise(model, req.scheduler, latents, req.rng, start=start, after_step=after_step, callback=req.callback)
     req.timings.scheduler += time.perf_counter() - t0 - (sum(req.timings.unet) - unet0)
+    pipe.done_with("unet")
     return latents
 
 
@@ -145,7 +149,9 @@ def first_step(req: Request) -> int:
 
 
 def per_image(x: np.ndarray, req: Request, what: str) -> np.ndarray:
-    """Rows of ``x`` for each image of the batch: one row for all, one per prompt, or one per image."""
+    """Rows of ``x`` for each image of the batch: one row for all, one per prompt, or one per image.
+    One per prompt goes to each of that prompt's images (diffusers tiles such a list over the batch
+    instead, which pairs image i with prompt i only when num_images_per_prompt is 1)."""
     n, per = len(req.prompts), req.per_prompt
     if len(x) == req.batch:
         return x
@@ -160,8 +166,7 @@ def encode_image(pipe, image: np.ndarray, req: Request, what: str = "init image"
     """image (N, 3, H, W) in [-1, 1] -> scaled latents, one row per image of the batch, sampled from the
     encoder's distribution with ``req.rng`` as diffusers' retrieve_latents(sample_mode="sample")."""
     m = pipe.manifest
-    if len(image) not in (1, len(req.prompts), req.batch):
-        raise GenerationError(f"{len(image)} {what}s for {len(req.prompts)} prompts; give one {what}, or one per prompt")
+    per_image(image[:, :1, :1, :1], req, what)  # the count is checked before the encoder runs
     t0 = time.perf_counter()
     params = run_single(pipe, "vae_encoder", image)  # (N, 2C, h, w): mean and log-variance
     mean, logvar = np.split(params, 2, axis=1)
@@ -176,7 +181,6 @@ def encode_image(pipe, image: np.ndarray, req: Request, what: str = "init image"
 
 def decode(pipe, latents: np.ndarray, req: Request) -> np.ndarray:
     """Scaled latents -> float32 (B, H, W, 3) images in [0, 1]."""
-    pipe.done_with("unet", "vae_encoder")
     t0 = time.perf_counter()
     m = pipe.manifest
     z = latents / np.float32(m["vae_scaling_factor"])

@@ -9,6 +9,7 @@ import numpy as np
 
 from .errors import GenerationError
 from .images import downsample_mask
+from .manifest import INPAINTING
 from .stages import Request, encode_image, encode_prompt, first_step, latent_shape, per_image, run_loop, unet_model
 
 
@@ -17,7 +18,7 @@ def text_to_image(pipe, req: Request) -> np.ndarray:
     sched = req.scheduler
     noise = req.latents if req.latents is not None else req.rng.standard_normal(latent_shape(pipe, req), dtype=np.float32)
     latents = noise * np.float32(sched.init_noise_sigma)
-    return run_loop(req, unet_model(pipe, req, cond), latents)
+    return run_loop(pipe, req, unet_model(pipe, req, cond), latents)
 
 
 def image_to_image(pipe, req: Request) -> np.ndarray:
@@ -27,7 +28,7 @@ def image_to_image(pipe, req: Request) -> np.ndarray:
     init = encode_image(pipe, req.image, req)
     noise = req.latents if req.latents is not None else req.rng.standard_normal(init.shape, dtype=np.float32)
     latents = sched.add_noise(init, noise, start).astype(np.float32)
-    return run_loop(req, unet_model(pipe, req, cond), latents, start=start)
+    return run_loop(pipe, req, unet_model(pipe, req, cond), latents, start=start)
 
 
 def inpaint(pipe, req: Request) -> np.ndarray:
@@ -36,7 +37,7 @@ def inpaint(pipe, req: Request) -> np.ndarray:
     it back, noised to the next step's level, after every step (diffusers' inpainting pipelines, both)."""
     cond = encode_prompt(pipe, req)
     sched, start = req.scheduler, first_step(req)
-    concat = pipe.manifest.get("task") == "inpainting"
+    concat = pipe.manifest.get("task") == INPAINTING
     full_strength = req.strength == 1.0
     # the image's own latents: to start from (strength < 1, no latents given) and to blend back (4 channels)
     image_latents = encode_image(pipe, req.image, req) if not concat or (req.latents is None and not full_strength) else None
@@ -52,9 +53,9 @@ def inpaint(pipe, req: Request) -> np.ndarray:
     if concat:
         masked_latents = encode_image(pipe, masked_image, req, what="masked image")
         model = unet_model(pipe, req, cond, extra_channels=np.concatenate([mask, masked_latents], axis=1))
-        return run_loop(req, model, latents, start=start)
-    # diffusers encodes the masked image here too, unused by a 4-channel UNet: draw its sample noise so
-    # that a seed gives the same images as there, without running the encoder
+        return run_loop(pipe, req, model, latents, start=start)
+    # diffusers encodes the masked image here too, unused by a 4-channel UNet: draw its sample noise, so
+    # that noise is drawn in the same order and shapes as there, without running the encoder
     req.rng.standard_normal((len(masked_image),) + image_latents.shape[1:], dtype=np.float32)
     last = len(sched.timesteps) - 1
 
@@ -62,7 +63,7 @@ def inpaint(pipe, req: Request) -> np.ndarray:
         known = sched.add_noise(image_latents, noise, i + 1) if i < last else image_latents
         return ((1 - mask) * known + mask * x).astype(np.float32)
 
-    return run_loop(req, unet_model(pipe, req, cond), latents, start=start, after_step=blend)
+    return run_loop(pipe, req, unet_model(pipe, req, cond), latents, start=start, after_step=blend)
 
 
 def pick_task(manifest: dict, image, mask_image):
@@ -71,8 +72,12 @@ def pick_task(manifest: dict, image, mask_image):
         if image is None:
             raise GenerationError("mask_image was given without image; inpainting needs both (the image to repaint)")
         return inpaint
-    if manifest.get("task") == "inpainting":
+    if manifest.get("task") == INPAINTING:
         raise GenerationError(
             "this is an inpainting model (its UNet takes a mask and a masked image): it needs image and mask_image"
         )
     return image_to_image if image is not None else text_to_image
+
+
+# the names a result's parameters give the task (the manifest's names, and diffusers' AutoPipeline's)
+TASK_NAMES = {text_to_image: "text-to-image", image_to_image: "image-to-image", inpaint: INPAINTING}

@@ -67,11 +67,9 @@ def _cmd_info(args) -> int:
 def _cmd_generate(args) -> int:
     import warnings
 
-    from sdrt.runtime.backends import BackendUnavailable
-    from sdrt.runtime.engines import ShapeOutsideProfile
+    from sdrt.runtime.errors import GenerationError, SdrtError
     from sdrt.runtime.images import output_paths, save_png
-    from sdrt.runtime.manifest import ModelDirError
-    from sdrt.runtime.pipeline import GenerationError, NonFiniteError, Pipeline
+    from sdrt.runtime.pipeline import Pipeline
 
     model = args.model or _default_model()
     out_dir = Path(args.out).absolute().parent
@@ -82,7 +80,7 @@ def _cmd_generate(args) -> int:
             raise UserError(f"{flag} {path} does not exist")
     try:
         pipe = Pipeline.load(model, backend=args.backend, cuda_graph=args.cuda_graph)
-    except (ModelDirError, BackendUnavailable, ValueError) as e:
+    except (SdrtError, ValueError) as e:  # a model directory, backend or engine that cannot load
         raise UserError(str(e)) from e
     from tqdm import tqdm
 
@@ -117,7 +115,7 @@ def _cmd_generate(args) -> int:
             )
         except GenerationError as e:
             raise UserError(_as_flags(str(e))) from e
-        except (NonFiniteError, ShapeOutsideProfile) as e:
+        except SdrtError as e:  # NaN, shapes outside an engine's profile, a component that cannot open
             raise UserError(str(e)) from e
         finally:
             for bar in bars:
@@ -140,6 +138,7 @@ _GENERATE_FLAGS = {
     "mask_image": "--mask",
     "without image": "without --init-image",
     "needs image and": "needs --init-image and",
+    "but image is": "but --init-image is",
     "strength": "--strength",
     "height": "--height",
     "width": "--width",

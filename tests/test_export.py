@@ -364,9 +364,10 @@ def test_real_install_puts_only_the_sdrt_namespace_in_site_packages(tmp_path):
     )
     top = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".egg-info")) and p.name != "bin"}
     assert top == {"sdrt"}, top
-    for sub in ("export", "runtime", "benchmarks", "runtime/schedulers", "runtime/backends"):
+    for sub in ("export", "runtime", "benchmarks", "runtime/schedulers", "runtime/backends", "runtime/families"):
         assert (target / "sdrt" / sub / "__init__.py").is_file(), sub
-    code = "import sdrt.runtime.manifest, sdrt.export, sdrt.benchmarks, sdrt.cli; print(sdrt.runtime.manifest.__file__)"
+    code = ("import sdrt.runtime.manifest, sdrt.runtime.pipeline, sdrt.export, sdrt.benchmarks, sdrt.cli; "
+            "print(sdrt.runtime.manifest.__file__)")
     res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(target)}, cwd=tmp_path,
                          capture_output=True, text=True, check=True)
     assert res.stdout.strip().startswith(str(target))

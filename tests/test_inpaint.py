@@ -95,7 +95,7 @@ def run_pair(reference, sdrt_pipeline, monkeypatch, name, scheduler, strength, *
     gen = RecordingGenerator(0)
     out = sdrt_pipeline(name)(**call, image=IMAGE, mask_image=MASK, height=SIZE, width=SIZE, scheduler=scheduler,
                               generator=gen, latents=ref_latents)
-    assert out.parameters["task"] == "inpaint"
+    assert out.parameters["task"] == "inpainting"
     assert out.images.shape == expected.shape
     err = np.abs(out.images - expected)
     # `pytest tests/test_inpaint.py -s | grep ^parity` lists the numbers
@@ -209,7 +209,7 @@ def test_cli_inpaint_writes_the_mask_into_the_parameters(model_dir, tmp_path):
                   "--strength", "0.9", "--out", "out.png")
     assert r.returncode == 0, r.stderr
     params = read_parameters(tmp_path / "out.png")
-    assert params["mask"] == "mask.png" and params["init_image"] == "init.png" and params["task"] == "inpaint"
+    assert params["mask"] == "mask.png" and params["init_image"] == "init.png" and params["task"] == "inpainting"
     assert params["strength"] == 0.9
 
 
@@ -217,7 +217,7 @@ def test_cli_inpaint_writes_the_mask_into_the_parameters(model_dir, tmp_path):
     (["--mask", "mask.png"], "--mask was given without --init-image"),
     (["--init-image", "init.png", "--mask", "missing.png"], "--mask missing.png does not exist"),
     (["--init-image", "init.png", "--mask", "bad.png"], "cannot read the mask image"),
-    (["--init-image", "init.png", "--mask", "small.png"], "--mask is 32x32 but image is 64x64"),
+    (["--init-image", "init.png", "--mask", "small.png"], "--mask is 32x32 but --init-image is 64x64"),
     (["--init-image", "init.png"], "this is an inpainting model"),
 ])
 def test_cli_inpaint_errors(model_dir, tmp_path, args, message):

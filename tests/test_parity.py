@@ -388,7 +388,7 @@ def test_guidance_one_calls_the_unet_once_per_step(
 ):
     pipe = sdrt_pipeline(family)
     unet = _RecordingUnet(pipe.engine("unet"))
-    monkeypatch.setitem(pipe._engines, "unet", unet)
+    monkeypatch.setitem(pipe.engines, "unet", unet)
     out, _ = run_pair(
         reference, sdrt_pipeline, monkeypatch, family, scheduler, steps,
         img2img=img2img, guidance_scale=1.0, negative_prompt=NEGATIVE,
@@ -415,7 +415,7 @@ def test_sdxl_time_ids(reference, sdrt_pipeline, monkeypatch, img2img):
     )
     pipe = sdrt_pipeline("sdxl")
     recording = _RecordingUnet(pipe.engine("unet"))
-    monkeypatch.setitem(pipe._engines, "unet", recording)
+    monkeypatch.setitem(pipe.engines, "unet", recording)
     try:
         run_pair(reference, sdrt_pipeline, monkeypatch, "sdxl", "euler", 3, img2img=img2img, negative_prompt=NEGATIVE)
     finally:

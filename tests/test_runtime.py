@@ -292,7 +292,7 @@ class _Poisoned:
 ])
 def test_nan_from_an_engine_is_an_error_naming_the_stage(model_dir, stage, output, match, tmp_path, capsys):
     pipe = Pipeline.load(model_dir("sd1"))
-    pipe._engines[stage] = _Poisoned(pipe._engines[stage], output)
+    pipe.engines[stage] = _Poisoned(pipe.engines[stage], output)
     with pytest.raises(NonFiniteError, match=match):
         _gen(pipe)
 
@@ -338,8 +338,8 @@ def test_tensorrt_backend_without_tensorrt_is_one_line_naming_the_install(model_
 
 def test_low_memory_mode_gives_the_same_image_and_releases_every_engine(model_dir, sd1):
     lean = Pipeline.load(model_dir("sd1"), low_memory=True)
-    assert all(e._engine is None for e in lean._engines.values()), "nothing is loaded before it is needed"
+    assert all(e._engine is None for e in lean.engines.values()), "nothing is loaded before it is needed"
     img = _gen(lean, image=np.full((1, 64, 64, 3), 0.3, np.float32), strength=0.7).images
-    assert all(e._engine is None for e in lean._engines.values()), "every engine is released after its stage"
+    assert all(e._engine is None for e in lean.engines.values()), "every engine is released after its stage"
     ref = _gen(sd1, image=np.full((1, 64, 64, 3), 0.3, np.float32), strength=0.7).images
     np.testing.assert_allclose(img, ref, atol=1e-5)

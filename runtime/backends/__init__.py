@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import ConfigError
 from .base import BackendUnavailable, Engine
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
@@ -46,7 +47,7 @@ class LazyEngine:
 def resolve_backend(name: str, model_dir: Path | None = None, manifest: dict | None = None) -> str:
     name = _ALIASES.get(name, name)
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "tensorrt":
         from .tensorrt import tensorrt_records
 

@@ -4,7 +4,7 @@ weights (OpenCLIP tower, v-prediction for the 768 models), which the manifest ca
 
 from __future__ import annotations
 
-from .base import Conditioning, Family, output_names
+from .base import Conditioning, Family, input_names, output_names
 
 
 class StableDiffusion(Family):
@@ -14,5 +14,6 @@ class StableDiffusion(Family):
         self.name = name
 
     def encode_text(self, engines, manifest, token_ids):
-        (hidden_name,) = output_names(manifest["components"]["text_encoder"])[:1]
-        return Conditioning(engines["text_encoder"](input_ids=token_ids[0])[hidden_name])
+        rec = manifest["components"]["text_encoder"]
+        out = engines["text_encoder"](**{input_names(rec)[0]: token_ids[0]})
+        return Conditioning(out[output_names(rec)[0]])

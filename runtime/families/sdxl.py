@@ -16,12 +16,11 @@ class StableDiffusionXL(Family):
     default_guidance = 5.0
 
     def encode_text(self, engines, manifest, token_ids):
-        comps = manifest["components"]
-        (h1_name,) = output_names(comps["text_encoder"])[:1]
-        h2_name, pooled_name = output_names(comps["text_encoder_2"])[:2]
-        h1 = engines["text_encoder"](input_ids=token_ids[0])[h1_name]
-        out2 = engines["text_encoder_2"](input_ids=token_ids[1])
-        return Conditioning(np.concatenate([h1, out2[h2_name]], axis=-1), out2[pooled_name])
+        rec1, rec2 = manifest["components"]["text_encoder"], manifest["components"]["text_encoder_2"]
+        h1 = engines["text_encoder"](**{input_names(rec1)[0]: token_ids[0]})[output_names(rec1)[0]]
+        out2 = engines["text_encoder_2"](**{input_names(rec2)[0]: token_ids[1]})
+        hidden2, pooled = (out2[name] for name in output_names(rec2)[:2])  # penultimate states, projected pooled
+        return Conditioning(np.concatenate([h1, hidden2], axis=-1), pooled)
 
     def negative_for_empty_prompt(self, positive, manifest):
         # the checkpoint's force_zeros_for_empty_prompt (True for SDXL base): zeros, not the encoded ""

@@ -16,6 +16,7 @@ are addressed by index into ``timesteps`` rather than by timestep value.
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .alpha import DDIM, LCM, PNDM
 from .base import Scheduler, resolve_config
 from .multistep import DPMSolverPP, UniPC
@@ -45,7 +46,7 @@ _BY_CLASS = {cls.diffusers_class: name for name, (cls, implied) in _SCHEDULERS.i
 def scheduler_class(name: str) -> type[Scheduler]:
     """The port class behind ``name`` (one of SCHEDULER_NAMES)."""
     if name not in _SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULER_NAMES)}")
+        raise ConfigError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULER_NAMES)}")
     return _SCHEDULERS[name][0]
 
 
@@ -64,7 +65,7 @@ def scheduler_name_for_config(config: dict) -> str:
             return "dpm++2m-sde"
         return "dpm++2m-karras" if config.get("use_karras_sigmas") else "dpm++2m"
     if class_name not in _BY_CLASS:
-        raise ValueError(
+        raise ConfigError(
             f"unsupported scheduler class {class_name!r}; supported classes: {', '.join(sorted(_BY_CLASS))}"
         )
     return _BY_CLASS[class_name]

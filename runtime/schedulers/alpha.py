@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ConfigError
 from .base import Scheduler
 from .schedule import alphas_cumprod_from_config, check_choice, check_disabled, spaced_timesteps
 
@@ -62,7 +63,7 @@ class DDIM(_AlphaScheduler):
     def _build(self, n: int) -> None:
         total = self.config["num_train_timesteps"]
         if n > total:
-            raise ValueError(f"num_inference_steps={n} cannot be larger than num_train_timesteps={total}")
+            raise ConfigError(f"num_inference_steps={n} cannot be larger than num_train_timesteps={total}")
         self.timesteps = spaced_timesteps(self.config, n)
         # DDIM always jumps back by T // n, even for linspace / trailing spacing, as diffusers does.
         stride = total // n
@@ -101,7 +102,7 @@ class PNDM(_AlphaScheduler):
             plms = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]
         else:
             if n < 4:
-                raise ValueError(f"PNDM with skip_prk_steps=False needs num_inference_steps >= 4, got {n}")
+                raise ConfigError(f"PNDM with skip_prk_steps=False needs num_inference_steps >= 4, got {n}")
             prk = ts[-4:].repeat(2) + np.tile([0, self._stride // 2], 4)
             self._prk = prk[:-1].repeat(2)[1:-1][::-1]
             plms = ts[:-3][::-1]
@@ -179,9 +180,9 @@ class LCM(_AlphaScheduler):
     def _build(self, n: int) -> None:
         total, original = self.config["num_train_timesteps"], self.config["original_inference_steps"]
         if original > total:
-            raise ValueError(f"original_inference_steps={original} cannot be larger than num_train_timesteps={total}")
+            raise ConfigError(f"original_inference_steps={original} cannot be larger than num_train_timesteps={total}")
         if n > original:
-            raise ValueError(f"num_inference_steps={n} cannot be larger than original_inference_steps={original}")
+            raise ConfigError(f"num_inference_steps={n} cannot be larger than original_inference_steps={original}")
         # The distillation schedule: every (T // original)-th timestep; inference picks n of them evenly.
         origin = (np.arange(1, original + 1) * (total // original) - 1)[::-1]
         picks = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ConfigError
+
 
 def resolve_config(defaults: dict, config: dict | None, overrides: dict | None = None, hidden=()) -> dict:
     """What ``SchedulerClass.from_config(config, **overrides).config`` holds for the keys the class reads.
@@ -24,9 +26,9 @@ def resolve_config(defaults: dict, config: dict | None, overrides: dict | None =
 
 def check_steps(num_inference_steps) -> int:
     if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps:
-        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        raise ConfigError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
     if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        raise ConfigError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
     return int(num_inference_steps)
 
 
@@ -73,9 +75,9 @@ class Scheduler:
 
     def _check_step(self, i: int, noise):
         if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps() before step()")
+            raise ConfigError("call set_timesteps() before step()")
         if noise is None and self.needs_noise(i):
-            raise ValueError(f"scheduler {self.name!r} needs a `noise` array (standard normal, shaped like sample)")
+            raise ConfigError(f"scheduler {self.name!r} needs a `noise` array (standard normal, shaped like sample)")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} ({self.diffusers_class}), {self.num_inference_steps} steps>"

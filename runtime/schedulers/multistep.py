@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ConfigError
 from .base import Scheduler
 from .schedule import (
     alphas_cumprod_from_config,
@@ -46,7 +47,7 @@ class _Multistep(Scheduler):
         check_choice("timestep_spacing", config["timestep_spacing"], ("linspace", "leading", "trailing"))
         check_choice("final_sigmas_type", config["final_sigmas_type"], ("zero", "sigma_min"))
         if int(config["solver_order"]) != config["solver_order"] or config["solver_order"] < 1:
-            raise ValueError(f"unsupported solver_order={config['solver_order']!r}; supported values: 1, 2, 3")
+            raise ConfigError(f"unsupported solver_order={config['solver_order']!r}; supported values: 1, 2, 3")
         self.alphas_cumprod = alphas_cumprod_from_config(config, terminal_clamp=True)
         self._train_sigmas = train_sigmas(self.alphas_cumprod)
         self._log_sigmas = np.log(self._train_sigmas)
@@ -106,7 +107,7 @@ class DPMSolverPP(_Multistep):
         config = dict(config)
         if config["algorithm_type"] not in ("dpmsolver++", "sde-dpmsolver++") and config["final_sigmas_type"] == "zero":
             # diffusers checks this before aliasing, so it rejects 'deis' with a zero final sigma too
-            raise ValueError(
+            raise ConfigError(
                 f"unsupported final_sigmas_type='zero' with algorithm_type={config['algorithm_type']!r}; "
                 "supported values: 'sigma_min'"
             )
@@ -220,9 +221,9 @@ class UniPC(_Multistep):
         super().__init__(config)
         check_choice("solver_type", config["solver_type"], ("bh1", "bh2"))
         if config["solver_p"] is not None:
-            raise ValueError("unsupported solver_p (an external predictor scheduler); supported values: None")
+            raise ConfigError("unsupported solver_p (an external predictor scheduler); supported values: None")
         if config["shift_terminal"] is not None:
-            raise ValueError("unsupported shift_terminal (flow sigmas only); supported values: None")
+            raise ConfigError("unsupported shift_terminal (flow sigmas only); supported values: None")
         self._no_corrector = set(config["disable_corrector"] or ())
 
     def _build(self, n: int) -> None:

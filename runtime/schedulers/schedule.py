@@ -10,17 +10,19 @@ import math
 
 import numpy as np
 
+from ..errors import ConfigError
+
 
 def check_choice(key: str, value, supported) -> None:
     if value not in supported:
-        raise ValueError(f"unsupported {key}={value!r}; supported values: {', '.join(map(str, supported))}")
+        raise ConfigError(f"unsupported {key}={value!r}; supported values: {', '.join(map(str, supported))}")
 
 
 def check_disabled(config: dict, keys) -> None:
     """Reject switches the port does not implement rather than silently sampling a different schedule."""
     for key in keys:
         if config.get(key):
-            raise ValueError(f"unsupported {key}={config[key]!r}; supported values: False (not supported by sdrt)")
+            raise ConfigError(f"unsupported {key}={config[key]!r}; supported values: False (not supported by sdrt)")
 
 
 def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
