@@ -1,7 +1,8 @@
 """The tasks: text to image, image to image, inpainting. Each is a short composition of the stages
-(encode prompt -> prepare latents -> denoise; the pipeline checks inputs before and decodes after) and reproduces one diffusers pipeline:
-StableDiffusion[XL]Pipeline, StableDiffusion[XL]Img2ImgPipeline, StableDiffusion[XL]InpaintPipeline.
-``pick_task`` chooses from the call's arguments, as diffusers' AutoPipeline classes do."""
+(encode prompt -> prepare latents -> denoise; the pipeline checks inputs before and decodes after)
+and reproduces one diffusers pipeline: StableDiffusion[XL]Pipeline, StableDiffusion[XL]Img2ImgPipeline,
+StableDiffusion[XL]InpaintPipeline. ``pick_task`` chooses from the call's arguments, as diffusers'
+AutoPipeline classes do."""
 
 from __future__ import annotations
 
