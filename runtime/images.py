@@ -15,7 +15,8 @@ PARAMETERS_KEY = "parameters"
 MASK_MODES = ("1", "L", "RGB")  # grayscale or RGB; anything else (RGBA, palette, CMYK) is refused
 
 
-def _open(image, what: str):
+def open_image(image, what: str = "init image"):
+    """A path is read into a PIL image (a clear error if it cannot be); anything else is returned as is."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, (str, Path)):
@@ -46,7 +47,7 @@ def load_image(image, height: int, width: int, what: str = "init image") -> np.n
     (H, W, 3) in [0, 1] is taken as is."""
     from PIL import Image
 
-    image = _open(image, what)
+    image = open_image(image, what)
     if isinstance(image, Image.Image):
         image = image.convert("RGB")
         if image.size != (width, height):
@@ -69,11 +70,10 @@ def load_mask(mask, height: int, width: int, image=None) -> np.ndarray:
     processor (VaeImageProcessor with do_binarize, do_convert_grayscale, no normalization): a path or
     PIL image is resized (Lanczos) to height x width, then made grayscale; numpy input (H, W),
     (H, W, 1), (N, H, W, 1) or RGB (H, W, 3) in [0, 1] is taken at its size. Values >= 0.5 are
-    repainted. ``image`` (the init image as given) is checked to be the mask's size."""
+    repainted. ``image`` (the init image, already opened: open_image) is checked to be the mask's size."""
     from PIL import Image
 
-    mask = _open(mask, "mask image")
-    image = _open(image, "init image") if image is not None else None
+    mask = open_image(mask, "mask image")
     msize, isize = _size(mask), _size(image)
     if msize is not None and isize is not None and msize != isize:
         raise GenerationError(

@@ -20,7 +20,7 @@ import numpy as np
 from .backends import select
 from .errors import GenerationError, ModelDirError, NonFiniteError  # noqa: F401  (re-exported)
 from .families import family_for
-from .images import load_image, load_mask
+from .images import load_image, load_mask, open_image
 from .manifest import load_manifest
 from .schedulers import make_scheduler
 from .stages import Request, Timings, decode, latent_shape
@@ -185,6 +185,7 @@ class Pipeline:
         req = Request(prompts, negatives, per_prompt, steps, float(guidance_scale), height, width, sched,
                       generator if generator is not None else np.random.default_rng(seed),
                       strength=strength, callback=callback)
+        image = open_image(image) if image is not None else None  # read once: the mask is checked against it
         if mask_image is not None:
             req.mask = load_mask(mask_image, height, width, image=image)
         if image is not None:

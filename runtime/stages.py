@@ -152,21 +152,23 @@ def per_image(x: np.ndarray, req: Request, what: str) -> np.ndarray:
     """Rows of ``x`` for each image of the batch: one row for all, one per prompt, or one per image.
     One per prompt goes to each of that prompt's images (diffusers tiles such a list over the batch
     instead, which pairs image i with prompt i only when num_images_per_prompt is 1)."""
-    n, per = len(req.prompts), req.per_prompt
+    check_rows(len(x), req, what)
     if len(x) == req.batch:
         return x
-    if len(x) == 1:
-        return np.repeat(x, req.batch, axis=0)
-    if len(x) == n:
-        return np.repeat(x, per, axis=0)
-    raise GenerationError(f"{len(x)} {what}s for {n} prompts; give one {what}, or one per prompt")
+    return np.repeat(x, req.batch if len(x) == 1 else req.per_prompt, axis=0)
+
+
+def check_rows(n: int, req: Request, what: str) -> None:
+    """``n`` images (or masks) are one for all, one per prompt, or one per image of the batch."""
+    if n not in (1, len(req.prompts), req.batch):
+        raise GenerationError(f"{n} {what}s for {len(req.prompts)} prompts; give one {what}, or one per prompt")
 
 
 def encode_image(pipe, image: np.ndarray, req: Request, what: str = "init image") -> np.ndarray:
     """image (N, 3, H, W) in [-1, 1] -> scaled latents, one row per image of the batch, sampled from the
     encoder's distribution with ``req.rng`` as diffusers' retrieve_latents(sample_mode="sample")."""
     m = pipe.manifest
-    per_image(image[:, :1, :1, :1], req, what)  # the count is checked before the encoder runs
+    check_rows(len(image), req, what)  # before the encoder runs
     t0 = time.perf_counter()
     params = run_single(pipe, "vae_encoder", image)  # (N, 2C, h, w): mean and log-variance
     mean, logvar = np.split(params, 2, axis=1)

@@ -25,7 +25,8 @@ diffusers = pytest.importorskip("diffusers")
 
 # the text-to-image parity suite's inputs, noise recorder, fixtures (sdrt pipelines by name, one torch thread)
 from test_parity import (  # noqa: E402,F401
-    IMAGE, NEGATIVE, PROMPT, SIZE, TOL, RecordingGenerator, patch_randn_tensor, sdrt_pipeline, single_thread,
+    DIFFUSERS, IMAGE, NEGATIVE, PROMPT, SIZE, TOL, RecordingGenerator, patch_randn_tensor, sdrt_pipeline,
+    single_thread,
 )
 
 from sdrt.runtime.errors import GenerationError  # noqa: E402
@@ -40,14 +41,6 @@ FAMILIES = ("sd1", "sd2", "sdxl")
 UNETS = {"9ch": "{}-inpaint", "4ch": "{}"}  # which checkpoint of the family
 # three deterministic schedulers (one multistep, one second-order) and one stochastic
 SCHEDULERS = ("ddim", "dpm++2m", "heun", "euler-a")
-DIFFUSERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-}
 STEPS = 5
 
 
