@@ -4,6 +4,8 @@ One engine per component, with one optimization profile computed from the user's
 manifest's named dimensions (export.profiles). Plans go to ``engines/<gpu-key>/<component>.plan``,
 each written atomically, and are recorded in sdrt.json (rewritten atomically after every engine).
 An engine already built for the same key, ONNX, profile and precision is reused unless ``force``.
+``refittable`` builds with TensorRT's REFIT flag (the weights stay in the plan and can be replaced at run
+time, e.g. for LoRA: TrtEngine.set_weights); a non-refittable engine is not reused for such a build.
 
 Needs TensorRT and cuda-python, imported lazily; never torch. The TensorRT calls sit behind a small
 builder object (``facts``, ``has_fp16_flag``, ``build(...)``) so everything else is testable without.
@@ -73,7 +75,8 @@ class TensorRTBuilder:
         self.has_fp16_flag = hasattr(self.trt.BuilderFlag, "FP16")
 
     def build(self, onnx_path: Path, profile: dict, plan: PrecisionPlan, *, timing_cache: bytes | None,
-              optimization_level: int | None, workspace_gib: float | None) -> tuple[bytes, bytes | None]:
+              optimization_level: int | None, workspace_gib: float | None,
+              refittable: bool = False) -> tuple[bytes, bytes | None]:
         """(serialized engine, updated timing cache or None when no cache was given)."""
         trt = self.trt
         logger = trt.Logger(trt.Logger.WARNING)
@@ -94,6 +97,8 @@ class TensorRTBuilder:
             config.builder_optimization_level = int(optimization_level)
         if plan.fp16_flag:
             config.set_flag(trt.BuilderFlag.FP16)
+        if refittable:
+            config.set_flag(trt.BuilderFlag.REFIT)  # weights stay in the plan; trt.Refitter can replace them
         prof = builder.create_optimization_profile()
         for name, shapes in profile.items():
             prof.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
@@ -168,12 +173,15 @@ def build_engines(
     optimization_level: int | None = None,
     workspace_gib: float | None = None,
     force: bool = False,
+    refittable: bool = False,
     builder=None,
     log=print,
 ) -> list[dict]:
     """Build (or reuse) one engine per component; returns one summary row per component:
     {component, status ("built" or "reused"), precision, file, size_bytes, build_seconds, reason}.
 
+    ``refittable``: engines whose weights can be replaced at run time (TensorRT refit); an existing engine
+    that is not refittable is rebuilt, a refittable one also serves a build without it.
     Ranges are validated before TensorRT is touched (RangeError). ``builder`` defaults to
     :class:`TensorRTBuilder` (BackendUnavailable without TensorRT or a GPU)."""
     root = Path(model_dir)
@@ -227,6 +235,8 @@ def build_engines(
         same_machine = entry.get("tensorrt_version") == facts.tensorrt_version
         reuse, reason = reuse_decision(existing if same_machine else None, component_record=rec, profile=profile,
                                        precision=plan.precision, model_dir=root, force=force)
+        if reuse and refittable and not existing.get("refittable"):
+            reuse, reason = False, "the engine is not refittable (--refittable)"
         tag = f"[{i}/{len(selected)}] {comp}"
         if reuse:
             log(f"{tag}: up to date ({existing['file']}, {existing['size_bytes'] / 2**20:.1f} MiB), reused")
@@ -234,14 +244,15 @@ def build_engines(
                          "file": existing["file"], "size_bytes": existing["size_bytes"],
                          "build_seconds": existing.get("build_seconds"), "reason": reason})
             continue
-        log(f"{tag}: building {plan.precision} engine ({reason}); profile {_describe_profile(profile)}")
+        kind = f"{plan.precision} refittable" if refittable else plan.precision
+        log(f"{tag}: building {kind} engine ({reason}); profile {_describe_profile(profile)}")
         if plan.note:
             log(f"{tag}: note: {plan.note}")
         t0 = time.perf_counter()
         with _Heartbeat(log, comp):
             data, new_cache = builder.build(
                 root / rec["file"], profile, plan, timing_cache=cache_bytes,
-                optimization_level=optimization_level, workspace_gib=workspace_gib,
+                optimization_level=optimization_level, workspace_gib=workspace_gib, refittable=refittable,
             )
         seconds = time.perf_counter() - t0
         rel = plan_relpath(key, comp)
@@ -261,6 +272,7 @@ def build_engines(
             "built_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "size_bytes": len(data),
             "optimization_level": optimization_level,
+            "refittable": bool(refittable),
         }
         _record(root, key, facts, comp, record)
         manifest = load_manifest(root)

@@ -20,7 +20,7 @@ from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.files import default_mode, sha256_file, write_json_atomic
 from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, check_generation_defaults
 
-from . import families, onnx_graph
+from . import families, onnx_graph, weights
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .validate import FP16_MAX_REL, FP32_MAX_REL, ValidationError, validate
 
@@ -162,7 +162,8 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
         log(f"[{n}/{len(comps)}] {comp.name}: exporting{' (fp16)' if half else ''}")
         dest = work / comp.name
         dest.mkdir()
-        external = onnx_graph.export_graph(comp, dest / "model.onnx", opset, fp16=half)
+        lora = comp.name in weights.LORA_COMPONENTS
+        external = onnx_graph.export_graph(comp, dest / "model.onnx", opset, fp16=half, lora=lora)
         onnx_graph.release_memory()
         t_export = time.perf_counter() - t
         try:
@@ -191,6 +192,7 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
             "size_bytes": size,
             "sha256": sha256_file(dest / "model.onnx"),
             "external_data_sha256": sha256_file(dest / onnx_graph.EXTERNAL_DATA_NAME) if external else None,
+            **({"weights": f"{comp.name}/{weights.WEIGHTS_NAME}"} if lora else {}),
             "validation": val,
         }
         err = f"max abs {val['max_abs_error']:.2e}, rel {val['max_rel_error']:.2e}" if "max_abs_error" in val else val["skipped"]

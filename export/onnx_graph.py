@@ -14,6 +14,7 @@ import torch
 
 from sdrt.runtime.files import default_mode
 
+from . import weights
 from .components import Component
 
 OPSET = 17
@@ -49,9 +50,10 @@ def trace(comp: Component, path: Path, opset: int = OPSET) -> None:
         )
 
 
-def export_graph(comp: Component, dest: Path, opset: int = OPSET, fp16: bool = False) -> bool:
+def export_graph(comp: Component, dest: Path, opset: int = OPSET, fp16: bool = False, lora: bool = False) -> bool:
     """Trace ``comp``, clean and optimize the graph, optionally convert it to fp16, save it at
-    ``dest`` and check it. Returns whether the weights went to external data.
+    ``dest`` and check it. Returns whether the weights went to external data. With ``lora`` the
+    weights always go to external data and the weight map (export/weights.py) is written beside it.
 
     Memory matters at real sizes (an SD 1.5 UNet is 3.4 GB of fp32 weights): the graph is
     optimized while the weights the tracer wrote stay on disk, and they are read into memory
@@ -62,9 +64,13 @@ def export_graph(comp: Component, dest: Path, opset: int = OPSET, fp16: bool = F
         trace(comp, raw, opset)
         model = _optimized(raw)
         onnx.load_external_data_for_model(model, scratch)  # no-op when the tracer embedded them
+    mapped = weights.map_weights(comp.module, model) if lora else None  # on the fp32 values
     if fp16:
         model = to_fp16(model)
-    return save(model, dest)
+    external = save(model, dest, external=lora or None)
+    if mapped is not None:
+        weights.write_weight_map(*mapped, dest)
+    return external
 
 
 @contextlib.contextmanager
@@ -163,11 +169,11 @@ def _toposort_in_place(graph: onnx.GraphProto) -> None:
     graph.node.extend(copies)
 
 
-def save(model: onnx.ModelProto, path: Path) -> bool:
-    """Save ``model`` at ``path``; past 2 GB the weights go to one external file beside it.
-    Returns whether external data was used. The saved model is checked by path."""
+def save(model: onnx.ModelProto, path: Path, external: bool | None = None) -> bool:
+    """Save ``model`` at ``path``; past 2 GB (or when ``external`` says so) the weights go to one
+    external file beside it. Returns whether external data was used. The saved model is checked by path."""
     path = Path(path)
-    external = is_large(model)
+    external = is_large(model) if external is None else external
     if external:
         onnx.save_model(
             model,

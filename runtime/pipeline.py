@@ -21,6 +21,7 @@ from .backends import select
 from .errors import GenerationError, ModelDirError, NonFiniteError  # noqa: F401  (re-exported)
 from .families import family_for
 from .images import load_image, load_mask, open_image
+from .lora import LoraMixin
 from .manifest import load_manifest
 from .schedulers import make_scheduler
 from .stages import Request, Timings, decode, latent_shape
@@ -38,7 +39,7 @@ class PipelineOutput:
     parameters: dict
 
 
-class Pipeline:
+class Pipeline(LoraMixin):
     """A loaded model directory, ready to generate.
 
     ``Pipeline.load(path, backend="auto")``; then ``pipe(prompt, ...)`` as diffusers' pipelines.

@@ -178,6 +178,7 @@ def _cmd_build(args) -> int:
             optimization_level=args.optimization_level,
             workspace_gib=args.workspace,
             force=args.force,
+            refittable=args.refittable,
         )
     except (BuildError, BackendUnavailable, ModelDirError, ValueError) as e:
         raise UserError(str(e)) from e
@@ -270,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimization-level", type=int, help="TensorRT builder optimization level 0..5 (default 3)")
     p.add_argument("--workspace", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
     p.add_argument("--force", action="store_true", help="rebuild engines that are up to date")
+    p.add_argument("--refittable", action="store_true",
+                   help="engines whose weights can be replaced at run time (TensorRT refit: LoRA without a rebuild)")
     p.set_defaults(func=_cmd_build)
 
     from sdrt.benchmarks.bench import add_arguments as add_bench_arguments

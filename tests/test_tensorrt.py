@@ -96,10 +96,11 @@ class FakeBuilder:
         self.facts, self.has_fp16_flag, self.fail_on = facts, has_fp16_flag, fail_on
         self.calls = []
 
-    def build(self, onnx_path, profile, plan, *, timing_cache, optimization_level, workspace_gib):
+    def build(self, onnx_path, profile, plan, *, timing_cache, optimization_level, workspace_gib, refittable=False):
         comp = Path(onnx_path).parent.name
         self.calls.append({"component": comp, "profile": profile, "plan": plan, "timing_cache": timing_cache,
-                           "optimization_level": optimization_level, "workspace_gib": workspace_gib})
+                           "optimization_level": optimization_level, "workspace_gib": workspace_gib,
+                           "refittable": refittable})
         if comp == self.fail_on:
             raise RuntimeError(f"boom while building {comp}")
         data = json.dumps({"component": comp, "profile": profile, "precision": plan.precision}).encode()
@@ -303,6 +304,72 @@ def test_reuse_decision_reasons(fake_dir):
     assert "does not match" in reuse_decision(rec, **kw)[1]
     (fake_dir / rec["file"]).unlink()
     assert "missing" in reuse_decision(rec, **kw)[1]
+
+
+def test_refittable_build_records_and_reuse(fake_dir):
+    _build(fake_dir, components=["unet"])
+    rec = _load(fake_dir)["engines"][gpu_key(H100)]["components"]["unet"]
+    assert rec["refittable"] is False
+    logs = []
+    from sdrt.export.build import build_engines
+
+    builder = FakeBuilder()
+    rows = build_engines(fake_dir, components=["unet"], refittable=True, builder=builder, log=logs.append)
+    assert rows[0]["status"] == "built" and builder.calls[0]["refittable"] is True
+    assert any("unet: building fp16 refittable engine (the engine is not refittable (--refittable))" in m for m in logs)
+    assert _load(fake_dir)["engines"][gpu_key(H100)]["components"]["unet"]["refittable"] is True
+    rows, builder = _build(fake_dir, components=["unet"], refittable=True)
+    assert rows[0]["status"] == "reused" and builder.calls == []
+    rows, builder = _build(fake_dir, components=["unet"])  # a refittable engine also serves a plain build
+    assert rows[0]["status"] == "reused"
+    rows, builder = _build(fake_dir, components=["unet"], refittable=True, max_height=1024)  # other reasons still count
+    assert rows[0]["status"] == "built" and rows[0]["reason"] == "the profile changed"
+
+
+def test_sdrt_build_refittable_flag(fake_dir, monkeypatch, capsys):
+    from sdrt.cli import main
+    from sdrt.export import build
+
+    monkeypatch.setattr(build, "TensorRTBuilder", FakeBuilder)
+    assert main(["build", str(fake_dir), "--components", "unet", "--refittable"]) == 0
+    assert "unet: building fp16 refittable engine" in capsys.readouterr().out
+    assert _load(fake_dir)["engines"][gpu_key(H100)]["components"]["unet"]["refittable"] is True
+
+
+def test_tensorrt_builder_sets_the_refit_flag(tmp_path):
+    """TensorRTBuilder.build against a stand-in for the tensorrt module: REFIT only with refittable."""
+    from types import SimpleNamespace as NS
+
+    from sdrt.export.build import PrecisionPlan, TensorRTBuilder
+
+    flags = []
+
+    class Config:
+        def set_flag(self, flag):
+            flags.append(flag)
+
+        def __getattr__(self, name):  # memory pools, profiles, timing cache: accepted, unused
+            return lambda *a, **k: NS(serialize=lambda: b"")
+
+    trt = NS(
+        Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
+        BuilderFlag=NS(FP16="FP16", REFIT="REFIT"), MemoryPoolType=NS(WORKSPACE=0),
+        NetworkDefinitionCreationFlag=NS(STRONGLY_TYPED=1),
+        OnnxParser=lambda network, logger: NS(parse_from_file=lambda path: True),
+        Builder=lambda logger: NS(create_network=lambda flags: "network", create_builder_config=Config,
+                                  create_optimization_profile=lambda: NS(set_shape=lambda *a: None),
+                                  build_serialized_network=lambda network, config: b"plan"),
+    )
+    builder = TensorRTBuilder.__new__(TensorRTBuilder)
+    builder.trt = trt
+    plan = PrecisionPlan("fp16", False, True)
+    prof = {"sample": {"min": [1], "opt": [1], "max": [1]}}
+    kw = dict(timing_cache=None, optimization_level=None, workspace_gib=None)
+    assert builder.build(tmp_path / "model.onnx", prof, plan, refittable=True, **kw) == (b"plan", None)
+    assert flags == ["FP16", "REFIT"]
+    flags.clear()
+    builder.build(tmp_path / "model.onnx", prof, plan, **kw)
+    assert flags == ["FP16"]
 
 
 def test_another_gpu_gets_its_own_engine_folder(fake_dir):

@@ -17,15 +17,23 @@ _ALIASES = {"cpu": "ort-cpu", "cuda": "ort-cuda", "onnxruntime": "ort-cpu", "trt
 
 
 class LazyEngine:
-    """Opens its engine on first use: the VAE encoder costs nothing until an image-to-image call."""
+    """Opens its engine on first use: the VAE encoder costs nothing until an image-to-image call.
+    Weights set while it is closed (LoRA under low_memory) are given to each engine it opens."""
 
     def __init__(self, name: str, open_fn):
         self.name, self._open, self._engine = name, open_fn, None
+        self._weights: dict = {}
 
     def _get(self):
         if self._engine is None:
-            self._engine = self._open()
+            self._engine = self._open(weights=self._weights)
         return self._engine
+
+    def set_weights(self, weights: dict) -> None:
+        merged = {**self._weights, **weights}
+        self._weights = {k: v for k, v in merged.items() if v is not None}
+        if self._engine is not None:
+            self._engine.set_weights(weights)
 
     @property
     def input_names(self):
@@ -80,8 +88,9 @@ def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = 
         strict = _ALIASES.get(backend, backend) == "tensorrt"
         ort = "cuda" if not strict and cuda_available() else "cpu"
 
-        def fallback(name):  # auto: a component without a usable engine runs on ONNX Runtime
-            return OrtEngine(name, model_dir, manifest["components"][name], provider=ort, threads=threads)
+        def fallback(name, weights=None):  # auto: a component without a usable engine runs on ONNX Runtime
+            return OrtEngine(name, model_dir, manifest["components"][name], provider=ort, threads=threads,
+                             weights=weights)
 
         records = tensorrt_records(model_dir, manifest, strict=True)
         return kind, open_engines(model_dir, manifest, records, cuda_graph=cuda_graph, low_memory=low_memory,
@@ -89,8 +98,8 @@ def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = 
     provider = "cuda" if kind == "ort-cuda" else "cpu"
     engines = {}
     for name, rec in manifest["components"].items():
-        def open_engine(name=name, rec=rec):
-            return OrtEngine(name, model_dir, rec, provider=provider, threads=threads)
+        def open_engine(weights=None, name=name, rec=rec):
+            return OrtEngine(name, model_dir, rec, provider=provider, threads=threads, weights=weights)
 
         engines[name] = LazyEngine(name, open_engine) if opens_lazily(name, low_memory) else open_engine()
     return kind, engines

@@ -76,68 +76,101 @@ class OrtEngine:
     """
 
     def __init__(self, name: str, model_dir: Path, record: dict, provider: str = "cpu", threads: int | None = None,
-                 cache: bool = True):
-        import onnxruntime as ort
-
+                 cache: bool = True, weights: dict[str, np.ndarray] | None = None):
         self.name = name
         self.provider = provider
-        path = Path(model_dir) / record["file"]
-        if not path.is_file():
+        self.model_dir, self.record = Path(model_dir), record
+        self.path = self.model_dir / record["file"]
+        if not self.path.is_file():
             from ..manifest import ModelDirError
 
-            raise ModelDirError(f"{path} is missing; re-export the model with `sdrt export --overwrite`")
+            raise ModelDirError(f"{self.path} is missing; re-export the model with `sdrt export --overwrite`")
         if provider == "cuda" and not cuda_available():
             raise BackendUnavailable(
                 "ONNX Runtime's CUDA provider is not available here: install onnxruntime-gpu (pip install 'sdrt[gpu]') on a machine with an NVIDIA GPU"
             )
+        self.threads, self.cache = threads or physical_cores(), cache
+        self.providers = (
+            [("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
+            if provider == "cuda"
+            else ["CPUExecutionProvider"]
+        )
+        self.weights: dict[str, np.ndarray] = dict(weights or {})
+        self.session = self._load()
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._on_device: dict[str, tuple[np.ndarray, object]] = {}
+
+    def set_weights(self, weights: dict[str, np.ndarray | None]) -> None:
+        """Replace the named initializers (the graph's own names, arrays of its shape and dtype; None gives
+        back the exported value) and reopen the session with them: ONNX Runtime's external-initializer
+        override, applied before its graph optimizations, so fused and re-laid-out weights follow."""
+        merged = {**self.weights, **weights}
+        self.weights = {k: v for k, v in merged.items() if v is not None}
+        self.session = None  # the old session's memory goes back before the new one is made
+        self._on_device.clear()
+        self.session = self._load()
+
+    def _options(self, ort, level):
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        opts.intra_op_num_threads = threads or physical_cores()
+        opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # The arena keeps every session's largest activation footprint reserved for its whole
         # life; without it buffers go back to the allocator after each call. Measured on SD 1.5
         # at 256x256 (sdrt bench): no slower, and peak RSS no longer exceeds diffusers'.
         opts.enable_cpu_mem_arena = False
-        providers = (
-            [("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
-            if provider == "cuda"
-            else ["CPUExecutionProvider"]
-        )
-        self.session = self._open(ort, opts, providers, model_dir, path, record) if cache else None
-        if self.session is None:
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self._on_device: dict[str, tuple[np.ndarray, object]] = {}
+        opts.graph_optimization_level = level
+        if self.weights:
+            names = list(self.weights)
+            opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(self.weights[n]) for n in names])
+        return opts
 
-    def _open(self, ort, opts, providers, model_dir: Path, path: Path, record: dict):
-        """Open from the optimized-graph cache, filling it first if needed; None if no cache can be used."""
-        root = _writable_cache_root(Path(model_dir))
+    def _load(self):
+        import onnxruntime as ort
+
+        session = self._open_cached(ort) if self.cache else None
+        if session is None:
+            session = ort.InferenceSession(str(self.path), self._options(ort, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+                                           providers=self.providers)
+        return session
+
+    def _open_cached(self, ort):
+        """Open from the optimized-graph cache, filling it first if needed; None if no cache can be used.
+
+        The cache holds the graph after ONNX Runtime's fusions (ORT_ENABLE_EXTENDED), which keep every
+        weight under its name; the layout passes (NCHWc: hardware-specific, and renaming the convolution
+        weights they reorder) run at each load. So overridden weights (set_weights) apply to a cached graph."""
+        root = _writable_cache_root(self.model_dir)
         if root is None:
             return None
+        record = self.record
         key = hashlib.sha256(
-            f"{record.get('sha256')}|{record.get('external_data_sha256')}|{ort.__version__}|{self.provider}".encode()
+            f"{record.get('sha256')}|{record.get('external_data_sha256')}|{ort.__version__}|{self.provider}|extended".encode()
         ).hexdigest()[:16]
         entry = root / f"{self.name}-{self.provider}-{key}"
         cached = entry / "model.onnx"
         if cached.is_file():
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             try:
-                return ort.InferenceSession(str(cached), opts, providers=providers)
+                return ort.InferenceSession(str(cached), self._options(ort, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+                                            providers=self.providers)
             except Exception:
+                if self.weights:
+                    return None  # a weight the cached graph lacks: open the exported graph instead
                 shutil.rmtree(entry, ignore_errors=True)  # stale or damaged: rebuild below
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts = self._options(ort, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        if self.weights:
+            return None  # the cache is filled from the exported weights only
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
         opts.optimized_model_filepath = str(tmp / "model.onnx")
         if record.get("external_data"):
             opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx_data")
             opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
-            session = ort.InferenceSession(str(path), opts, providers=providers)
+            ort.InferenceSession(str(self.path), opts, providers=self.providers)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -145,8 +178,8 @@ class OrtEngine:
             os.replace(tmp, entry)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another process filled the cache first
-        opts.optimized_model_filepath = ""
-        return session
+        return ort.InferenceSession(str(entry / "model.onnx"), self._options(ort, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+                                    providers=self.providers)
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         if self.provider == "cuda":

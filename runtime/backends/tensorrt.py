@@ -13,6 +13,8 @@ needs them, and nothing here touches torch.
   previous call (the text embeddings, every denoising step) is not uploaded again.
 - ``cuda_graph=True`` (the UNet with ``--cuda-graph``): the call is captured once into a CUDA graph
   and replayed for later calls with the same shapes.
+- ``set_weights`` (engines from ``sdrt build --refittable``): named weights (ONNX initializer names)
+  replaced in place through ``trt.Refitter``, e.g. LoRA deltas, without a rebuild.
 """
 
 from __future__ import annotations
@@ -27,6 +29,21 @@ from ..engines import DeviceFacts, EngineMismatch, check_engine_set, check_shape
 from .base import BackendUnavailable
 
 INSTALL = "pip install 'sdrt[tensorrt]'"
+
+
+class RefitError(EngineMismatch):
+    """Weights a TensorRT engine cannot take (not refittable, unknown name, wrong size or type, weights
+    it needs together with the given ones: ``missing``); the message says which and what to do."""
+
+    def __init__(self, message: str, missing: list[str] | None = None):
+        super().__init__(message)
+        self.missing = list(missing or [])
+
+
+def _first(names, n: int = 5) -> str:
+    names = list(names)
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
 
 
 def _missing_message(what: str, missing: list[str]) -> str:
@@ -236,6 +253,7 @@ class TrtEngine:
         self._graph = self._graph_exec = None
         self._graph_key = None
         self.graph_replays = 0
+        self._weight_names: list[str] | None = None  # refittable weights, asked for on first use
 
     # -- buffers -------------------------------------------------------------------------------
 
@@ -339,6 +357,80 @@ class TrtEngine:
             cudart.cudaGraphDestroy(self._graph)
         self._graph = self._graph_exec = self._graph_key = None
 
+    # -- refit -------------------------------------------------------------------------------
+
+    @property
+    def refittable(self) -> bool:
+        return bool(getattr(self.engine, "refittable", False))
+
+    def _refitter(self):
+        if not self.refittable:
+            raise RefitError(
+                f"the {self.name} engine {self.model_dir / self.record['file']} is not refittable: rebuild it with "
+                f"`sdrt build {self.model_dir} --components {self.name} --refittable`"
+            )
+        return self._session.trt.Refitter(self.engine, self._session.logger)
+
+    def weight_names(self, refitter=None) -> list[str]:
+        """The names (ONNX initializer names) of the weights :meth:`set_weights` can replace."""
+        if self._weight_names is None:
+            self._weight_names = list((refitter or self._refitter()).get_all_weights())
+        return list(self._weight_names)
+
+    def set_weights(self, weights: dict[str, np.ndarray | None]) -> None:
+        """Replace exactly these named weights (ONNX initializer names; arrays of the initializer's size,
+        fp32 or fp16, cast to the engine's weight type; None: the exported value, read through the
+        component's weight map) in place; the other weights keep their values.
+
+        RefitError before anything is changed when the engine is not refittable, a name is not one of its
+        weights, a size or type disagrees, or TensorRT needs weights fused with these (``missing``) too;
+        after, when refit_cuda_engine fails. A captured CUDA graph is dropped (recaptured on the next call)."""
+        if not weights:
+            return
+        weights = {n: self._exported(n) if v is None else v for n, v in weights.items()}
+        trt = self._session.trt
+        refitter = self._refitter()
+        known = set(self.weight_names(refitter))
+        unknown = [n for n in weights if n not in known]
+        if unknown:
+            raise RefitError(f"the {self.name} engine has no refittable weight(s) {_first(unknown)} "
+                             f"({len(known)} weights are; see weight_names())")
+        held = []  # TensorRT reads these host arrays during refit_cuda_engine: keep them alive until then
+        for name, value in weights.items():
+            proto = refitter.get_weights_prototype(name)
+            a = np.asarray(value)
+            try:
+                want = np.dtype(trt.nptype(proto.dtype))
+            except TypeError:
+                raise RefitError(f"{self.name} weight {name} is {proto.dtype}, which numpy cannot give") from None
+            if a.size != proto.size:
+                raise RefitError(f"{self.name} weight {name}: {a.size} values (shape {a.shape}) given, "
+                                 f"the engine's has {proto.size}")
+            if a.dtype != want and not (a.dtype.kind == "f" and want.kind == "f"):
+                raise RefitError(f"{self.name} weight {name}: {a.dtype} given, the engine's is {want}")
+            held.append((name, np.ascontiguousarray(a, dtype=want)))
+        for name, a in held:
+            if not refitter.set_named_weights(name, trt.Weights(a)):
+                raise RefitError(f"TensorRT refused {self.name} weight {name} ({a.dtype}, {a.size} values)")
+        missing = list(refitter.get_missing_weights())
+        if missing:
+            raise RefitError(f"the {self.name} engine needs weight(s) {_first(missing)} together with the given "
+                             "ones (fused in the engine): pass their values too", missing)
+        self._session.synchronize()  # no enqueued work may use the engine while it is refitted
+        ok = refitter.refit_cuda_engine()
+        del held
+        self._drop_graph()  # a captured CUDA graph is recaptured on the next call
+        if not ok:
+            missing = list(refitter.get_missing_weights())
+            why = f"it needs weight(s) {_first(missing)} too" if missing else "see TensorRT's log above"
+            raise RefitError(f"TensorRT could not refit the {self.name} engine ({why}); some weights may have been "
+                             "replaced: set them again or reload the pipeline", missing)
+
+    def _exported(self, initializer: str) -> np.ndarray:
+        from ..lora import WeightMap
+
+        return WeightMap(self.model_dir, self.name, self._component_record).exported(initializer)
+
     def close(self) -> None:
         if self.context is None:
             return
@@ -372,14 +464,16 @@ def open_engines(model_dir: Path, manifest: dict, records: dict[str, dict], *, c
     for name in manifest["components"]:
         rec = records.get(name)
         if rec is not None:
-            def open_engine(name=name, rec=rec):
-                return TrtEngine(name, model_dir, rec, manifest["components"][name], session, vae_scale_factor=vsf,
-                                 cuda_graph=cuda_graph and name == "unet")
+            def open_engine(weights=None, name=name, rec=rec):
+                engine = TrtEngine(name, model_dir, rec, manifest["components"][name], session, vae_scale_factor=vsf,
+                                   cuda_graph=cuda_graph and name == "unet")
+                engine.set_weights(weights or {})  # LoRA under low_memory: each opening is refitted
+                return engine
         elif fallback is not None:
-            def open_engine(name=name):
-                return fallback(name)
+            def open_engine(weights=None, name=name):
+                return fallback(name, weights)
         else:
-            def open_engine(name=name):
+            def open_engine(weights=None, name=name):
                 raise BackendUnavailable(
                     f"{model_dir} has no usable TensorRT engine for {name} on this GPU; build it with "
                     f"`sdrt build {model_dir} --components {name}`"

@@ -1,0 +1,344 @@
+"""LoRA without re-export: low-rank updates read from a safetensors file and added to the exported
+graphs' weights at run time, with diffusers' verbs and meanings (load_lora_weights, set_adapters,
+unload_lora_weights).
+
+Each adapter's update of a module's weight W is ``scale · up · down`` with ``scale = alpha / rank``
+(the file's alphas, kohya's ``.alpha`` keys or diffusers' adapter metadata; 1 without them), so
+with adapters a, b active at weights w_a, w_b the engines run ``W + w_a·Δ_a + w_b·Δ_b``. The export
+records which graph initializer holds each module's weight and where its bytes lie (export/weights.py,
+``weights.json``); the base weight is read from the graph's external data through a memory map and
+the merged weight handed to the engine (``Engine.set_weights``: ONNX Runtime's external-initializer
+override; TensorRT's refitter). Unloading hands back the exported weights themselves.
+
+Formats: diffusers/PEFT (``save_lora_weights``: ``unet.…lora_A.weight``, ``text_encoder.…``, the
+older ``lora.down``/``lora_linear_layer.down`` forms) and kohya/AUTOMATIC1111 (``lora_unet_…``,
+``lora_te_…``, ``lora_te1_…``/``lora_te2_…`` with ``.alpha``), for the UNet and the text encoder(s).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelDirError, SdrtError
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+PICKLED = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+# diffusers' key prefixes and kohya's, to the model directory's components
+PREFIXES = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}
+# key suffixes -> the part of the update they hold
+ROLES = {
+    ".lora_A.weight": "down", ".lora_B.weight": "up",  # PEFT
+    ".lora_down.weight": "down", ".lora_up.weight": "up",  # kohya
+    ".lora.down.weight": "down", ".lora.up.weight": "up",  # diffusers' attention processors
+    ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",  # diffusers' text encoder
+    ".alpha": "alpha",
+}
+UNSUPPORTED = {"lora_magnitude_vector": "DoRA", "lora_B.bias": "LoRA biases", "hada_": "LoHa", "lokr_": "LoKr",
+               "lora_mid": "LoCon's Tucker decomposition"}
+
+
+class LoraError(SdrtError, ValueError):
+    """A LoRA file that cannot be read or does not fit the model; the adapters already loaded are kept."""
+
+
+# -- the model's side: which initializer holds which module's weight --------------------------------
+
+
+class WeightMap:
+    """One component's weights.json: module name -> initializer, its layout and where its bytes lie."""
+
+    def __init__(self, model_dir: Path, component: str, record: dict):
+        self.component, self.dir = component, Path(model_dir) / component
+        path = Path(model_dir) / record["weights"]
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            self.entries: dict[str, dict] = doc["weights"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelDirError(f"{path} cannot be read ({e}); re-export the model with `sdrt export --overwrite`") from e
+        self.by_initializer = {e["initializer"]: e for e in self.entries.values()}
+        # modules the graph does not compute (their updates cannot change the output: skipped), and
+        # modules it computes without a weight of their own (folded: refused)
+        self.unused, self.unmapped = set(doc.get("unused", ())), set(doc.get("unmapped", ()))
+        # kohya's names: the module path with underscores (text encoders' under transformers 4.x's text_model)
+        self.kohya = {m.replace(".", "_"): m for m in [*self.entries, *self.unused, *self.unmapped]}
+        if component != "unet":
+            self.kohya.update({"text_model_" + k: m for k, m in list(self.kohya.items())})
+
+    def knows(self, module: str) -> bool:
+        return module in self.entries or module in self.unused or module in self.unmapped
+
+    def exported(self, initializer: str) -> np.ndarray:
+        """The exported value of ``initializer``, memory-mapped from the graph's external data."""
+        e = self.by_initializer[initializer]
+        return np.memmap(self.dir / e["file"], dtype=e["dtype"], mode="r", offset=e["offset"], shape=tuple(e["shape"]))
+
+
+def weight_maps(model_dir: Path, manifest: dict) -> dict[str, WeightMap]:
+    """The weight maps of the components LoRA files address; a model exported before sdrt recorded
+    them cannot take a LoRA."""
+    comps = manifest["components"]
+    found = {c: WeightMap(model_dir, c, comps[c]) for c in PREFIXES.values() if c in comps and comps[c].get("weights")}
+    if "unet" not in found:
+        raise LoraError(f"{model_dir} was exported without a weight map, which LoRA needs; re-export it with this "
+                        f"sdrt (`sdrt export CHECKPOINT --out {model_dir} --overwrite`)")
+    return found
+
+
+# -- the file's side ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Update:
+    """One module's low-rank update: ``scale · up @ down``."""
+
+    down: np.ndarray  # (rank, in[, kh, kw])
+    up: np.ndarray  # (out, rank[, 1, 1])
+    scale: float
+
+    def delta(self, shape: tuple, transposed: bool) -> np.ndarray:
+        rank = self.down.shape[0]
+        d = self.up.reshape(self.up.shape[0], rank).astype(np.float32) @ self.down.reshape(rank, -1).astype(np.float32)
+        d = d.T if transposed else d
+        if d.size != math.prod(shape):
+            raise ValueError(f"update of shape {d.shape} for a weight of shape {tuple(shape)}")
+        return (np.float32(self.scale) * d).reshape(shape)
+
+
+@dataclass
+class Adapter:
+    name: str
+    source: str
+    updates: dict[str, dict[str, Update]] = field(default_factory=dict)  # component -> module -> update
+    skipped: list[str] = field(default_factory=list)  # modules the exported graphs do not compute
+
+
+def read_file(path, weight_name: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Tensors and metadata of a LoRA safetensors file, or of the one in a folder (``weight_name``, else
+    diffusers' pytorch_lora_weights.safetensors, else the folder's only .safetensors file)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = _file_in(path, weight_name)
+    if path.suffix.lower() in PICKLED:
+        raise LoraError(f"{path} is a pickled checkpoint, which sdrt does not load (unpickling runs code); convert it "
+                        f"to safetensors (safetensors.torch.save_file(torch.load(path), 'lora.safetensors'))")
+    if not path.is_file():
+        raise LoraError(f"LoRA file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types
+        raise LoraError(f"{path} is not a safetensors file ({e})") from e
+
+
+def _file_in(folder: Path, weight_name: str | None) -> Path:
+    if weight_name:
+        return folder / weight_name
+    if (folder / WEIGHT_NAME).is_file():
+        return folder / WEIGHT_NAME
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise LoraError(f"{folder} holds {len(files)} .safetensors files; name one with weight_name= (--lora FILE)")
+    return files[0]
+
+
+def parse(tensors: dict[str, np.ndarray], metadata: dict, maps: dict[str, WeightMap], name: str, source: str) -> Adapter:
+    """The file's tensors as per-module updates of this model's components. Keys that match no weight
+    of the model are an error naming the first few."""
+    for key in tensors:
+        for mark, what in UNSUPPORTED.items():
+            if mark in key:
+                raise LoraError(f"{source}: {what} ({key!r}) is not supported; only plain LoRA (down/up matrices) is")
+    parts: dict[tuple[str, str], dict] = {}
+    unknown = []
+    for key, value in tensors.items():
+        suffix = next((s for s in ROLES if key.endswith(s)), None)
+        found = _module(key[: -len(suffix)], maps) if suffix else None
+        if found is None:
+            unknown.append(key)
+            continue
+        parts.setdefault(found, {})[ROLES[suffix]] = value
+    if unknown:
+        raise LoraError(
+            f"{source}: {len(unknown)} of {len(tensors)} keys match no weight of this model, e.g. "
+            f"{', '.join(repr(k) for k in unknown[:3])}; is it a LoRA for another family (SD 1.x, SD 2.x, SDXL)?"
+        )
+    alphas = _metadata_alphas(metadata)
+    adapter = Adapter(name, source)
+    for (component, module), p in parts.items():
+        if module in maps[component].unmapped:
+            raise LoraError(f"{source}: the exported {component} graph holds no separate weight for {module!r} "
+                            f"(folded into another constant), so this LoRA cannot be applied to it without a re-export")
+        if module in maps[component].unused:
+            adapter.skipped.append(f"{component}.{module}")  # the graph never computes it
+            continue
+        if "down" not in p or "up" not in p:
+            raise LoraError(f"{source}: {component} module {module!r} has no {'up' if 'down' in p else 'down'} matrix")
+        rank = p["down"].shape[0]
+        alpha = float(p["alpha"]) if "alpha" in p else alphas(component, module, rank)
+        scale = alpha / math.sqrt(rank) if _rslora(metadata, component) else alpha / rank
+        adapter.updates.setdefault(component, {})[module] = Update(p["down"], p["up"], scale)
+    return adapter
+
+
+def _module(stem: str, maps: dict[str, WeightMap]) -> tuple[str, str] | None:
+    """(component, module name) a key stem names, in diffusers' dotted form or kohya's underscored one."""
+    for prefix, component in KOHYA_PREFIXES.items():
+        if stem.startswith(prefix) and component in maps:
+            module = maps[component].kohya.get(stem[len(prefix):])
+            return (component, module) if module else None
+    head, _, rest = stem.partition(".")
+    component = PREFIXES.get(head)
+    if component is None or component not in maps:
+        return None
+    rest = re.sub(r"\.processor\.(to_[qkv]|to_out)_lora$", lambda m: "." + (m[1] + ".0" if m[1] == "to_out" else m[1]), rest)
+    for candidate in (rest, rest.removeprefix("text_model.")):  # transformers 4.x names CLIP modules text_model.*
+        if maps[component].knows(candidate):
+            return component, candidate
+    return None
+
+
+def _metadata_alphas(metadata: dict):
+    """alpha(component, module, rank) from diffusers' lora_adapter_metadata (PEFT LoraConfig fields
+    under "unet.", "text_encoder." prefixes); rank itself (scale 1) without it, as diffusers does."""
+    try:
+        meta = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except ValueError:
+        meta = {}
+
+    def alpha(component, module, rank):
+        pattern = meta.get(f"{component}.alpha_pattern") or {}
+        for key, value in pattern.items():
+            if module == key or module.endswith("." + key):
+                return float(value)
+        value = meta.get(f"{component}.lora_alpha")
+        return float(value) if value is not None else float(rank)
+
+    return alpha
+
+
+def _rslora(metadata: dict, component: str) -> bool:
+    try:
+        return bool(json.loads(metadata.get("lora_adapter_metadata") or "{}").get(f"{component}.use_rslora"))
+    except ValueError:
+        return False
+
+
+# -- the pipeline's verbs ---------------------------------------------------------------------------------
+
+
+class LoraMixin:
+    """diffusers' LoRA verbs on Pipeline. Every change re-weights only the engines whose weights it
+    changes; the adapters' updates are kept (small), the merged weights live in the engines."""
+
+    def _lora_state(self):
+        if not hasattr(self, "_adapters"):
+            self._adapters: dict[str, Adapter] = {}
+            self._active: list[tuple[str, float]] = []
+            self._set: dict[str, set[str]] = {}  # component -> initializers the engines hold overridden
+            self._maps: dict[str, WeightMap] | None = None
+        if self._maps is None:
+            self._maps = weight_maps(self.model_dir, self.manifest)
+        return self._adapters
+
+    def load_lora_weights(self, path, adapter_name: str | None = None, weight_name: str | None = None) -> str:
+        """Load a LoRA (a safetensors file, or a folder holding one) as ``adapter_name`` (default
+        ``default_{n}``) and make it the active adapter, at weight 1, as diffusers does. Returns its name."""
+        adapters = self._lora_state()
+        name = adapter_name or f"default_{len(adapters)}"
+        if name in adapters:
+            raise LoraError(f"an adapter named {name!r} is already loaded; pick another adapter_name or delete_adapters({name!r})")
+        tensors, metadata = read_file(path, weight_name)
+        adapter = parse(tensors, metadata, self._maps, name, str(path))
+        self._check_shapes(adapter)
+        adapters[name] = adapter
+        self.set_adapters([name])
+        return name
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """Make exactly these adapters active, each at its weight (default 1.0): diffusers' set_adapters."""
+        adapters = self._lora_state()
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        missing = [n for n in names if n not in adapters]
+        if missing:
+            raise LoraError(f"no adapter named {missing[0]!r}; loaded: {', '.join(adapters) or 'none'}")
+        if adapter_weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(adapter_weights, (int, float)):
+            weights = [float(adapter_weights)] * len(names)
+        else:
+            weights = [float(w) for w in adapter_weights]
+        if len(weights) != len(names):
+            raise LoraError(f"{len(weights)} adapter weights for {len(names)} adapters; give one weight per adapter")
+        self._active = list(zip(names, weights))
+        self._apply()
+
+    def get_active_adapters(self) -> list[str]:
+        self._lora_state()
+        return [n for n, _ in self._active]
+
+    def get_list_adapters(self) -> list[str]:
+        return list(self._lora_state())
+
+    def delete_adapters(self, adapter_names) -> None:
+        adapters = self._lora_state()
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for n in names:
+            adapters.pop(n, None)
+        self._active = [(n, w) for n, w in self._active if n in adapters]
+        self._apply()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the engines run the exported weights again."""
+        if not hasattr(self, "_adapters"):
+            return
+        self._adapters.clear()
+        self._active = []
+        self._apply()
+
+    def _check_shapes(self, adapter: Adapter) -> None:
+        for component, updates in adapter.updates.items():
+            entries = self._maps[component].entries
+            for module, u in updates.items():
+                try:
+                    _check_delta_shape(u, entries[module])
+                except ValueError as err:
+                    raise LoraError(f"{adapter.source}: {component} module {module!r}: {err}; is it a LoRA for another model?") from None
+
+    def _apply(self) -> None:
+        """Hand each engine the merged weights of what the active adapters touch, and the exported
+        weights back for what they no longer touch."""
+        for component, wmap in self._maps.items():
+            merged = {}
+            for name, weight in self._active:
+                for module, u in self._adapters[name].updates.get(component, {}).items():
+                    e = wmap.entries[module]
+                    d = u.delta(tuple(e["shape"]), e["transposed"]) * np.float32(weight)
+                    init = e["initializer"]
+                    merged[init] = merged[init] + d if init in merged else d
+            for init, d in merged.items():
+                merged[init] = np.ascontiguousarray((wmap.exported(init).astype(np.float32) + d).astype(wmap.by_initializer[init]["dtype"]))
+            restore = {init: None for init in self._set.get(component, set()) - set(merged)}
+            if merged or restore:
+                self.engines[component].set_weights({**merged, **restore})
+            self._set[component] = set(merged)
+
+
+def _check_delta_shape(u: Update, entry: dict) -> None:
+    """The update's (out, in·k·k) matches the weight without forming it."""
+    out, rank = u.up.shape[0], u.down.shape[0]
+    if u.up.reshape(out, -1).shape[1] != rank:
+        raise ValueError(f"up matrix {u.up.shape} does not match down matrix {u.down.shape}")
+    shape = tuple(entry["shape"])
+    want = (shape[1], shape[0]) if entry["transposed"] else (shape[0], math.prod(shape[1:]))
+    if (out, u.down.reshape(rank, -1).shape[1]) != want:
+        raise ValueError(f"update of shape {(out, u.down.reshape(rank, -1).shape[1])} for a weight of shape {shape}")
