@@ -17,6 +17,7 @@ older ``lora.down``/``lora_linear_layer.down`` forms) and kohya/AUTOMATIC1111 (`
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -76,9 +77,19 @@ class WeightMap:
         return module in self.entries or module in self.unused or module in self.unmapped
 
     def exported(self, initializer: str) -> np.ndarray:
-        """The exported value of ``initializer``, memory-mapped from the graph's external data."""
+        """The exported value of ``initializer``, read from the graph's external data (a read, not a memory
+        map: mapped pages would count in the process's resident memory as long as the map lives)."""
         e = self.by_initializer[initializer]
-        return np.memmap(self.dir / e["file"], dtype=e["dtype"], mode="r", offset=e["offset"], shape=tuple(e["shape"]))
+        count = math.prod(e["shape"])
+        return np.fromfile(self.dir / e["file"], dtype=e["dtype"], count=count, offset=e["offset"]).reshape(e["shape"])
+
+    def merged(self, initializer: str, updates: list[tuple[float, "Update"]]) -> np.ndarray:
+        """The exported weight plus each ``weight · update``, in the initializer's dtype and layout."""
+        e = self.by_initializer[initializer]
+        w = self.exported(initializer).astype(np.float32)  # a fresh array even when already float32
+        for weight, u in updates:
+            w += np.float32(weight) * u.delta(tuple(e["shape"]), e["transposed"])
+        return w.astype(e["dtype"], copy=False)
 
 
 def weight_maps(model_dir: Path, manifest: dict) -> dict[str, WeightMap]:
@@ -240,28 +251,48 @@ class LoraMixin:
     """diffusers' LoRA verbs on Pipeline. Every change re-weights only the engines whose weights it
     changes; the adapters' updates are kept (small), the merged weights live in the engines."""
 
-    def _lora_state(self):
+    def _lora_state(self) -> dict[str, Adapter]:
         if not hasattr(self, "_adapters"):
             self._adapters: dict[str, Adapter] = {}
             self._active: list[tuple[str, float]] = []
             self._set: dict[str, set[str]] = {}  # component -> initializers the engines hold overridden
-            self._maps: dict[str, WeightMap] | None = None
-        if self._maps is None:
-            self._maps = weight_maps(self.model_dir, self.manifest)
         return self._adapters
+
+    def _weight_maps(self) -> dict[str, WeightMap]:
+        if getattr(self, "_maps", None) is None:
+            self._maps = weight_maps(self.model_dir, self.manifest)
+        return self._maps
 
     def load_lora_weights(self, path, adapter_name: str | None = None, weight_name: str | None = None) -> str:
         """Load a LoRA (a safetensors file, or a folder holding one) as ``adapter_name`` (default
         ``default_{n}``) and make it the active adapter, at weight 1, as diffusers does. Returns its name."""
+        name = self._read_adapter(path, adapter_name, weight_name)
+        self.set_adapters([name])
+        return name
+
+    def use_loras(self, loras) -> list[str]:
+        """Load several LoRAs, ``[(path, scale), ...]``, and make exactly them active at their scales, with
+        one re-weighting of the engines (``sdrt generate --lora FILE[:SCALE]``). Returns their names."""
+        names = []
+        try:
+            for path, _ in loras:
+                names.append(self._read_adapter(path, None, None))
+            self.set_adapters(names, [scale for _, scale in loras])
+        except BaseException:
+            for n in names:
+                self._adapters.pop(n, None)
+            raise
+        return names
+
+    def _read_adapter(self, path, adapter_name, weight_name) -> str:
         adapters = self._lora_state()
         name = adapter_name or f"default_{len(adapters)}"
         if name in adapters:
             raise LoraError(f"an adapter named {name!r} is already loaded; pick another adapter_name or delete_adapters({name!r})")
         tensors, metadata = read_file(path, weight_name)
-        adapter = parse(tensors, metadata, self._maps, name, str(path))
+        adapter = parse(tensors, metadata, self._weight_maps(), name, str(path))
         self._check_shapes(adapter)
         adapters[name] = adapter
-        self.set_adapters([name])
         return name
 
     def set_adapters(self, adapter_names, adapter_weights=None) -> None:
@@ -272,14 +303,14 @@ class LoraMixin:
         if missing:
             raise LoraError(f"no adapter named {missing[0]!r}; loaded: {', '.join(adapters) or 'none'}")
         if adapter_weights is None:
-            weights = [1.0] * len(names)
-        elif isinstance(adapter_weights, (int, float)):
-            weights = [float(adapter_weights)] * len(names)
-        else:
-            weights = [float(w) for w in adapter_weights]
+            adapter_weights = 1.0
+        weights = [adapter_weights] * len(names) if isinstance(adapter_weights, (int, float)) else list(adapter_weights)
+        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
+        if bad:
+            raise LoraError(f"adapter weights must be finite numbers, got {bad[0]!r}")
         if len(weights) != len(names):
             raise LoraError(f"{len(weights)} adapter weights for {len(names)} adapters; give one weight per adapter")
-        self._active = list(zip(names, weights))
+        self._active = [(n, float(w)) for n, w in zip(names, weights)]
         self._apply()
 
     def get_active_adapters(self) -> list[str]:
@@ -299,15 +330,13 @@ class LoraMixin:
 
     def unload_lora_weights(self) -> None:
         """Remove every adapter: the engines run the exported weights again."""
-        if not hasattr(self, "_adapters"):
-            return
-        self._adapters.clear()
+        self._lora_state().clear()
         self._active = []
         self._apply()
 
     def _check_shapes(self, adapter: Adapter) -> None:
         for component, updates in adapter.updates.items():
-            entries = self._maps[component].entries
+            entries = self._weight_maps()[component].entries
             for module, u in updates.items():
                 try:
                     _check_delta_shape(u, entries[module])
@@ -315,22 +344,19 @@ class LoraMixin:
                     raise LoraError(f"{adapter.source}: {component} module {module!r}: {err}; is it a LoRA for another model?") from None
 
     def _apply(self) -> None:
-        """Hand each engine the merged weights of what the active adapters touch, and the exported
-        weights back for what they no longer touch."""
-        for component, wmap in self._maps.items():
-            merged = {}
+        """Hand each engine, as functions it calls once its old weights are released, the merged weights of
+        what the active adapters touch; what they no longer touch takes its exported value again."""
+        if not self._active and not any(self._set.values()):
+            return  # nothing applied, nothing to apply
+        for component, wmap in self._weight_maps().items():
+            touched: dict[str, list] = {}
             for name, weight in self._active:
                 for module, u in self._adapters[name].updates.get(component, {}).items():
-                    e = wmap.entries[module]
-                    d = u.delta(tuple(e["shape"]), e["transposed"]) * np.float32(weight)
-                    init = e["initializer"]
-                    merged[init] = merged[init] + d if init in merged else d
-            for init, d in merged.items():
-                merged[init] = np.ascontiguousarray((wmap.exported(init).astype(np.float32) + d).astype(wmap.by_initializer[init]["dtype"]))
-            restore = {init: None for init in self._set.get(component, set()) - set(merged)}
-            if merged or restore:
-                self.engines[component].set_weights({**merged, **restore})
-            self._set[component] = set(merged)
+                    touched.setdefault(wmap.entries[module]["initializer"], []).append((weight, u))
+            if touched or self._set.get(component):
+                self.engines[component].set_weights(
+                    {init: functools.partial(wmap.merged, init, ups) for init, ups in touched.items()})
+            self._set[component] = set(touched)
 
 
 def _check_delta_shape(u: Update, entry: dict) -> None:

@@ -269,3 +269,46 @@ def test_model_without_weight_map_says_reexport(tmp_path, model_dir, loras):
     pipe = Pipeline.load(copy, backend="ort-cpu", threads=1)
     with pytest.raises(LoraError, match="re-export"):
         pipe.load_lora_weights(loras("sd1", "kohya", 0))
+
+
+def test_older_key_forms_and_transformers4_names(loras, pipes, tmp_path, single_thread):
+    """diffusers' older spellings (attention processors' ``lora.down``, the text encoder's
+    ``lora_linear_layer.down``, transformers 4.x's ``text_model.`` prefix) load as the PEFT keys do."""
+    from safetensors.numpy import load_file, save_file
+
+    pipe = pipes("sd1")
+    latents = latents_for(pipe)
+    peft_file = loras("sd1", "diffusers", 0) / "pytorch_lora_weights.safetensors"
+    pipe.load_lora_weights(peft_file)
+    expected = run_sdrt(pipe, latents)
+    pipe.unload_lora_weights()
+    old = {}
+    for k, v in load_file(str(peft_file)).items():
+        if k.startswith("unet."):
+            k = k.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight")
+        else:
+            k = k.replace("text_encoder.", "text_encoder.text_model.", 1)
+            k = k.replace(".lora_A.weight", ".lora_linear_layer.down.weight").replace(".lora_B.weight", ".lora_linear_layer.up.weight")
+        old[k] = v
+    meta = dict(__import__("safetensors").safe_open(str(peft_file), "np").metadata() or {})
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
+    pipe.load_lora_weights(tmp_path / "old.safetensors")
+    np.testing.assert_array_equal(run_sdrt(pipe, latents), expected)
+
+
+def test_cli_lora(model_dir, loras, pipes, tmp_path, single_thread):
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    lora = loras("sd1", "kohya", 0)
+    out = tmp_path / "cli.png"
+    args = ["generate", PROMPT, "--model", str(model_dir("sd1")), "--out", str(out), "--steps", str(STEPS),
+            "--scheduler", "ddim", "--seed", "0", "--quiet", "--backend", "ort-cpu"]
+    assert main(args + ["--lora", f"{lora}:0.7"]) == 0
+    pipe = pipes("sd1")
+    pipe.load_lora_weights(lora)
+    pipe.set_adapters(["default_0"], [0.7])
+    expected = pipe(PROMPT, num_inference_steps=STEPS, scheduler="ddim", seed=0).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    assert main(args + ["--lora", str(tmp_path / "nope.safetensors")]) != 0

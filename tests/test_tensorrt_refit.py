@@ -122,8 +122,16 @@ def test_set_weights_refits_exactly_the_named_weights(make_engine):
     np.testing.assert_array_equal(fake.values["unet.down.0.to_q.weight"], q)
     np.testing.assert_array_equal(fake.values["onnx::MatMul_77"], m)
     assert set(fake.values) == {"unet.down.0.to_q.weight", "onnx::MatMul_77"}
+    exported = {"unet.down.0.to_q.weight": np.zeros((4, 3), np.float32), "onnx::MatMul_77": np.zeros((3, 2), np.float32)}
+    eng._exported = exported.__getitem__  # the weight map's read of the exported value
+    eng.set_weights({"onnx::MatMul_77": lambda: m})  # to_q no longer given: its exported value back
+    np.testing.assert_array_equal(fake.values["unet.down.0.to_q.weight"], exported["unet.down.0.to_q.weight"])
+    assert len(fake.refitters) == 2
+    eng.set_weights({})  # MatMul_77 back too
+    assert len(fake.refitters) == 3
+    np.testing.assert_array_equal(fake.values["onnx::MatMul_77"], exported["onnx::MatMul_77"])
     eng.set_weights({})  # nothing to do: no refitter
-    assert len(fake.refitters) == 1
+    assert len(fake.refitters) == 3
 
 
 def test_weight_names_lists_the_refittable_weights_once(make_engine):

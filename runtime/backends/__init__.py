@@ -30,10 +30,9 @@ class LazyEngine:
         return self._engine
 
     def set_weights(self, weights: dict) -> None:
-        merged = {**self._weights, **weights}
-        self._weights = {k: v for k, v in merged.items() if v is not None}
+        self._weights = dict(weights)
         if self._engine is not None:
-            self._engine.set_weights(weights)
+            self._engine.set_weights(self._weights)
 
     @property
     def input_names(self):

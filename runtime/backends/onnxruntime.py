@@ -76,7 +76,7 @@ class OrtEngine:
     """
 
     def __init__(self, name: str, model_dir: Path, record: dict, provider: str = "cpu", threads: int | None = None,
-                 cache: bool = True, weights: dict[str, np.ndarray] | None = None):
+                 cache: bool = True, weights: dict | None = None):
         self.name = name
         self.provider = provider
         self.model_dir, self.record = Path(model_dir), record
@@ -95,19 +95,22 @@ class OrtEngine:
             if provider == "cuda"
             else ["CPUExecutionProvider"]
         )
-        self.weights: dict[str, np.ndarray] = dict(weights or {})
+        self.weights: dict = dict(weights or {})  # what set_weights was given (arrays or makers of them)
+        self._held: dict[str, np.ndarray] = {}  # the arrays the session was made with (it may read them)
         self.session = self._load()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._on_device: dict[str, tuple[np.ndarray, object]] = {}
 
-    def set_weights(self, weights: dict[str, np.ndarray | None]) -> None:
-        """Replace the named initializers (the graph's own names, arrays of its shape and dtype; None gives
-        back the exported value) and reopen the session with them: ONNX Runtime's external-initializer
-        override, applied before its graph optimizations, so fused and re-laid-out weights follow."""
-        merged = {**self.weights, **weights}
-        self.weights = {k: v for k, v in merged.items() if v is not None}
-        self.session = None  # the old session's memory goes back before the new one is made
+    def set_weights(self, weights: dict) -> None:
+        """Run with these initializers (the graph's own names -> arrays of its shape and dtype, or functions
+        making them) instead of the exported ones; every other weight, those set before included, takes its
+        exported value. The session is reopened with ONNX Runtime's external-initializer override, applied
+        before its graph optimizations, so fused and re-laid-out weights follow. The old session and its
+        arrays are released before the new arrays are made: peak memory holds one set."""
+        self.weights = dict(weights)
+        self.session = None
+        self._held = {}
         self._on_device.clear()
         self.session = self._load()
 
@@ -125,8 +128,10 @@ class OrtEngine:
         opts.enable_cpu_mem_arena = False
         opts.graph_optimization_level = level
         if self.weights:
-            names = list(self.weights)
-            opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(self.weights[n]) for n in names])
+            if not self._held:
+                self._held = {n: np.ascontiguousarray(v() if callable(v) else v) for n, v in self.weights.items()}
+            names = list(self._held)
+            opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(self._held[n]) for n in names])
         return opts
 
     def _load(self):
@@ -204,3 +209,4 @@ class OrtEngine:
     def close(self) -> None:
         self._on_device.clear()
         self.session = None
+        self._held = {}

@@ -254,6 +254,8 @@ class TrtEngine:
         self._graph_key = None
         self.graph_replays = 0
         self._weight_names: list[str] | None = None  # refittable weights, asked for on first use
+        self._set_names: set[str] = set()  # weights set_weights replaced (restored when no longer given)
+        self._weight_map = None  # the component's weight map, read when a weight is restored
 
     # -- buffers -------------------------------------------------------------------------------
 
@@ -377,17 +379,24 @@ class TrtEngine:
             self._weight_names = list((refitter or self._refitter()).get_all_weights())
         return list(self._weight_names)
 
-    def set_weights(self, weights: dict[str, np.ndarray | None]) -> None:
-        """Replace exactly these named weights (ONNX initializer names; arrays of the initializer's size,
-        fp32 or fp16, cast to the engine's weight type; None: the exported value, read through the
-        component's weight map) in place; the other weights keep their values.
+    def set_weights(self, weights: dict) -> None:
+        """Run with these weights (ONNX initializer names -> arrays of the initializer's size, fp32 or fp16,
+        cast to the engine's weight type, or functions making them) instead of the exported ones; a weight
+        set before and absent now gets its exported value back (read through the component's weight map).
+        Refitted in place; the other weights keep their values.
 
         RefitError before anything is changed when the engine is not refittable, a name is not one of its
         weights, a size or type disagrees, or TensorRT needs weights fused with these (``missing``) too;
         after, when refit_cuda_engine fails. A captured CUDA graph is dropped (recaptured on the next call)."""
+        restore = self._set_names - set(weights)
+        weights = {**{n: self._exported(n) for n in restore},
+                   **{n: v() if callable(v) else v for n, v in weights.items()}}
         if not weights:
             return
-        weights = {n: self._exported(n) if v is None else v for n, v in weights.items()}
+        self._refit(weights)
+        self._set_names = set(weights) - restore
+
+    def _refit(self, weights: dict[str, np.ndarray]) -> None:
         trt = self._session.trt
         refitter = self._refitter()
         known = set(self.weight_names(refitter))
@@ -429,7 +438,9 @@ class TrtEngine:
     def _exported(self, initializer: str) -> np.ndarray:
         from ..lora import WeightMap
 
-        return WeightMap(self.model_dir, self.name, self._component_record).exported(initializer)
+        if self._weight_map is None:
+            self._weight_map = WeightMap(self.model_dir, self.name, self._component_record)
+        return self._weight_map.exported(initializer)
 
     def close(self) -> None:
         if self.context is None:
