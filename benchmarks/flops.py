@@ -194,11 +194,12 @@ def graph_flops(path: str | Path, dims: dict[str, int] | None = None,
 
 def unet_flops(model_dir: str | Path, manifest: dict, *, batch: int, height: int, width: int,
                guidance: bool) -> dict:
-    """FLOPs of one UNet call of the pipeline at this batch and size (batch doubled under guidance)."""
+    """FLOPs of one UNet call of the pipeline at this batch and size (batch doubled under guidance), with
+    one 77-token chunk of text conditioning."""
     rec = manifest["components"]["unet"]
     f = manifest.get("vae_scale_factor", 8)
     unet_batch = batch * (2 if guidance else 1)
-    dims = {"batch": unet_batch, "latent_height": height // f, "latent_width": width // f}
+    dims = {"batch": unet_batch, "latent_height": height // f, "latent_width": width // f, "text_length": 77}
     shapes = {}
     for spec in rec.get("inputs", []):  # any other named dim the manifest records is fixed by name
         shape = spec.get("shape") or []

@@ -12,9 +12,10 @@ optimized-graph cache):
 - ``re-export``: ``sdrt export`` of the checkpoint (what a LoRA costs without this: the fuse itself
   comes on top, so this is a lower bound).
 
-Without ``--loras`` two LoRAs are made from the checkpoint with peft (rank 16 on the UNet's attention,
-feed-forward and projection layers and the text encoder's attention and MLP: the layers kohya's
-trainer targets by default), in diffusers' format. Prints medians and ratios; ``--out`` writes JSON.
+Without ``--loras`` two LoRAs are made from the checkpoint with peft, rank 16, in diffusers' format:
+``--targets kohya`` (default) on the UNet's attention, feed-forward and projection layers and the text
+encoder's attention and MLP (what kohya's trainer targets by default), ``--targets attention`` on the
+attention projections only (diffusers' LoRA training script). Prints medians and ratios; ``--out`` writes JSON.
 """
 
 from __future__ import annotations
@@ -67,22 +68,29 @@ def worker(args) -> dict:
     return out
 
 
-def make_loras(checkpoint: Path, dest: Path) -> list[Path]:
+TARGETS = {
+    # kohya's trainer default: every Linear of the transformer blocks and the projections; text encoder attention + MLP
+    "kohya": (["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
+              ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+    # diffusers' train_text_to_image_lora.py default: attention only
+    "attention": (["to_q", "to_k", "to_v", "to_out.0"], ["q_proj", "k_proj", "v_proj", "out_proj"]),
+}
+
+
+def make_loras(checkpoint: Path, dest: Path, targets: str = "kohya") -> list[Path]:
     import torch
     from diffusers import DiffusionPipeline
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     paths = []
     for seed in (0, 1):
-        out = dest / f"lora-{seed}"
+        out = dest / f"lora-{targets}-{seed}"
         if not (out / "pytorch_lora_weights.safetensors").is_file():
             pipe = DiffusionPipeline.from_pretrained(checkpoint, torch_dtype=torch.float32)
             torch.manual_seed(seed)
-            ucfg = LoraConfig(r=16, lora_alpha=16, init_lora_weights=False,
-                              target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
-                                              "proj_in", "proj_out"])
-            tcfg = LoraConfig(r=16, lora_alpha=16, init_lora_weights=False,
-                              target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+            unet_targets, text_targets = TARGETS[targets]
+            ucfg = LoraConfig(r=16, lora_alpha=16, init_lora_weights=False, target_modules=unet_targets)
+            tcfg = LoraConfig(r=16, lora_alpha=16, init_lora_weights=False, target_modules=text_targets)
             pipe.unet.add_adapter(ucfg)
             inject_adapter_in_model(tcfg, pipe.text_encoder)
             type(pipe).save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
@@ -116,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, type=Path)
     ap.add_argument("--checkpoint", type=Path, help="the checkpoint the model was exported from (test LoRAs, re-export)")
     ap.add_argument("--loras", nargs=2, type=Path, help="two LoRA files or folders (default: made from --checkpoint)")
+    ap.add_argument("--targets", choices=tuple(TARGETS), default="kohya",
+                    help="layers the made LoRAs touch (kohya: all transformer Linears, default; attention: q/k/v/out)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--height", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2)
@@ -130,7 +140,8 @@ def main(argv=None) -> int:
     if args.loras is None:
         if args.checkpoint is None:
             ap.error("give --loras A B, or --checkpoint to make two")
-        args.loras = make_loras(args.checkpoint, Path(tempfile.gettempdir()) / f"sdrt-bench-loras-{args.checkpoint.name}")
+        args.loras = make_loras(args.checkpoint, Path(tempfile.gettempdir()) / f"sdrt-bench-loras-{args.checkpoint.name}",
+                                args.targets)
     _run(args, "base")  # warm-up: fills the optimized-graph cache and the page cache
     base = [_run(args, "base") for _ in range(args.runs)]
     lora = _run(args, "lora")
@@ -138,7 +149,7 @@ def main(argv=None) -> int:
     switch = statistics.median(lora["switch_s"])
     rss_base = statistics.median(r["peak_rss_gib"] for r in base)
     report = {
-        "model": str(args.model), "loras": [str(p) for p in args.loras], "height": args.height, "steps": args.steps,
+        "model": str(args.model), "loras": [str(p) for p in args.loras], "targets": args.targets, "height": args.height, "steps": args.steps,
         "fresh_load_s": fresh, "load_one_lora_s": lora["load_lora_s"], "switch_s_median": switch,
         "switch_s": lora["switch_s"], "unload_s": lora["unload_s"],
         "peak_rss_gib_base": rss_base, "peak_rss_gib_lora": lora["peak_rss_gib"],

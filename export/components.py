@@ -13,8 +13,10 @@ from typing import Callable
 
 import torch
 
-# Named dynamic dimensions. Text length is fixed at the tokenizer's max length.
+# Named dynamic dimensions. A text encoder takes the tokenizer's max length (77); the UNet takes 77·k
+# tokens of text conditioning (prompts encoded in chunks: sdrt.runtime.prompts).
 BATCH, LAT_H, LAT_W, IMG_H, IMG_W = "batch", "latent_height", "latent_width", "height", "width"
+TEXT_LEN = "text_length"
 
 
 @dataclass
@@ -50,18 +52,19 @@ class TextEncoderOutputs(torch.nn.Module):
 
     sd1/sd2 use the last hidden state (after the final layer norm); SDXL uses the penultimate
     layer's hidden states of both encoders and, from the second, the projected pooled embedding
-    (diffusers' StableDiffusionXLPipeline.encode_prompt with clip_skip=None).
+    (diffusers' StableDiffusionXLPipeline.encode_prompt with clip_skip=None). The attention mask (1 attend,
+    0 masked out) is what compel's down-weighting needs; all ones is the unmasked encoder exactly.
     """
 
     def __init__(self, encoder: torch.nn.Module, mode: str):
         super().__init__()
         self.encoder, self.mode = encoder, mode
 
-    def forward(self, input_ids):
-        ids = input_ids.to(torch.int64)
+    def forward(self, input_ids, attention_mask):
+        ids, mask = input_ids.to(torch.int64), attention_mask.to(torch.int64)
         if self.mode == "last":
-            return self.encoder(ids, return_dict=True).last_hidden_state
-        out = self.encoder(ids, output_hidden_states=True, return_dict=True)
+            return self.encoder(ids, attention_mask=mask, return_dict=True).last_hidden_state
+        out = self.encoder(ids, attention_mask=mask, output_hidden_states=True, return_dict=True)
         if self.mode == "penultimate":
             return out.hidden_states[-2]
         return out.hidden_states[-2], out.text_embeds  # "penultimate+pooled"

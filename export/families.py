@@ -106,7 +106,10 @@ class StableDiffusion:
         vocab = min(te.config.vocab_size for te in encoders)
 
         def ids(b, h, w):
-            return (torch.randint(0, vocab, (b, max_length), dtype=torch.int32),)
+            # a mask with zeros, so that the trace keeps the masking (an all-ones one would be traced away)
+            mask = torch.ones(b, max_length, dtype=torch.int32)
+            mask[:, max_length // 2 : max_length // 2 + 3] = 0
+            return torch.randint(0, vocab, (b, max_length), dtype=torch.int32), mask
 
         text = self.text_encoder_components(ckpt, max_length, ids)
         ctx_dim = sum(c.outputs[0].shape[-1] for c in text)  # hidden states concatenated on features
@@ -120,7 +123,7 @@ class StableDiffusion:
             Component(
                 "text_encoder",
                 TextEncoderOutputs(ckpt.text_encoder, "last"),
-                [TensorSpec("input_ids", "int32", [BATCH, L])],
+                [TensorSpec("input_ids", "int32", [BATCH, L]), TensorSpec("attention_mask", "int32", [BATCH, L])],
                 [TensorSpec("last_hidden_state", "float32", [BATCH, L, d])],
                 ids,
                 [(1, 0, 0), (2, 0, 0)],
@@ -139,7 +142,7 @@ class StableDiffusion:
     def unet_component(self, ckpt: Checkpoint, L: int, ctx_dim: int):
         import torch
 
-        from .components import BATCH, LAT_H, LAT_W, Component, TensorSpec, UNetNoisePrediction
+        from .components import BATCH, LAT_H, LAT_W, TEXT_LEN, Component, TensorSpec, UNetNoisePrediction
 
         unet = ckpt.unet
         c_in, c_out = unet.config.in_channels, unet.config.out_channels  # c_in 9 for inpainting UNets
@@ -149,10 +152,11 @@ class StableDiffusion:
         added = self.unet_added_inputs(unet)
 
         def sample(b, h, w):
+            chunks = 1 if b > 1 else 2  # the single-image validation shape runs a two-chunk (2 x 77) text
             return (
                 torch.randn(b, c_in, h, w),
                 torch.full((b,), 500.0) + torch.arange(b, dtype=torch.float32) * 37,
-                torch.randn(b, L, ctx_dim),
+                torch.randn(b, L * chunks, ctx_dim),
             ) + self.unet_added_sample(unet, b, h, w)
 
         return Component(
@@ -161,7 +165,7 @@ class StableDiffusion:
             [
                 TensorSpec("sample", "float32", [BATCH, c_in, LAT_H, LAT_W]),
                 TensorSpec("timestep", "float32", [BATCH]),
-                TensorSpec("encoder_hidden_states", "float32", [BATCH, L, ctx_dim]),
+                TensorSpec("encoder_hidden_states", "float32", [BATCH, TEXT_LEN, ctx_dim]),
             ] + added,
             [TensorSpec("out_sample", "float32", [BATCH, c_out, LAT_H, LAT_W])],
             sample,
@@ -237,7 +241,7 @@ class StableDiffusionXL(StableDiffusion):
             Component(
                 "text_encoder",
                 TextEncoderOutputs(ckpt.text_encoder, "penultimate"),
-                [TensorSpec("input_ids", "int32", [BATCH, L])],
+                [TensorSpec("input_ids", "int32", [BATCH, L]), TensorSpec("attention_mask", "int32", [BATCH, L])],
                 [TensorSpec("hidden_states", "float32", [BATCH, L, d1])],
                 ids,
                 [(1, 0, 0), (2, 0, 0)],
@@ -245,7 +249,7 @@ class StableDiffusionXL(StableDiffusion):
             Component(
                 "text_encoder_2",
                 TextEncoderOutputs(te2, "penultimate+pooled"),
-                [TensorSpec("input_ids", "int32", [BATCH, L])],
+                [TensorSpec("input_ids", "int32", [BATCH, L]), TensorSpec("attention_mask", "int32", [BATCH, L])],
                 [TensorSpec("hidden_states", "float32", [BATCH, L, d2]), TensorSpec("text_embeds", "float32", [BATCH, proj])],
                 ids,
                 [(1, 0, 0), (2, 0, 0)],

@@ -15,6 +15,11 @@ from sdrt.runtime.engines import GUIDED, onnx_hashes
 from sdrt.runtime.errors import SdrtError
 
 
+# The UNet's text conditioning: 77 tokens (one chunk) at min and opt, up to this many chunks at max, for
+# prompts longer than the text encoder's 77 tokens (sdrt.runtime.prompts).
+MAX_TEXT_CHUNKS = 4
+
+
 class RangeError(SdrtError, ValueError):
     """Size ranges for ``sdrt build`` that cannot make a profile; the message says which and why."""
 
@@ -112,13 +117,16 @@ def dim_ranges(manifest: dict, component: str, ranges: Ranges) -> dict[str, tupl
 
     Latent dims are the image dims divided by the VAE scale factor. The UNet's batch is doubled for
     classifier-free guidance (opt and max; min stays at the single batch so guidance-free calls,
-    guidance_scale <= 1, still fit, except with --static, which builds exactly 2 x batch)."""
+    guidance_scale <= 1, still fit, except with --static, which builds exactly 2 x batch). The text length
+    is one chunk of the tokenizer's max length (77), up to MAX_TEXT_CHUNKS of them (one with --static)."""
     f = int(manifest.get("vae_scale_factor", 8))
     b = ranges.batch
     if component in GUIDED:
         b = (2 * b[0], 2 * b[1], 2 * b[2]) if ranges.static else (b[0], 2 * b[1], 2 * b[2])
+    chunk = int(manifest.get("tokenizers", [{}])[0].get("max_length", 77))
     return {
         "batch": b,
+        "text_length": (chunk, chunk, chunk if ranges.static else chunk * MAX_TEXT_CHUNKS),
         "height": ranges.height,
         "width": ranges.width,
         "latent_height": tuple(v // f for v in ranges.height),

@@ -23,6 +23,7 @@ from .families import family_for
 from .images import load_image, load_mask, open_image
 from .lora import LoraMixin
 from .manifest import load_manifest
+from .prompts import syntax_name as prompt_syntax_name
 from .schedulers import make_scheduler
 from .stages import Request, Timings, decode, latent_shape
 from .tasks import TASK_NAMES, pick_task
@@ -81,7 +82,7 @@ class Pipeline(LoraMixin):
 
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -98,6 +99,12 @@ class Pipeline(LoraMixin):
         output_type: str = "pil",
         generator: np.random.Generator | None = None,
         callback=None,
+        *,
+        prompt_syntax: str | None = None,
+        prompt_embeds: np.ndarray | None = None,
+        negative_prompt_embeds: np.ndarray | None = None,
+        pooled_prompt_embeds: np.ndarray | None = None,
+        negative_pooled_prompt_embeds: np.ndarray | None = None,
     ) -> PipelineOutput:
         """Generate images. ``seed`` makes a numpy Generator (``generator`` passes one directly);
         ``latents`` gives the initial noise (B, C, H/8, W/8) as in diffusers. ``image`` alone runs image to
@@ -106,21 +113,32 @@ class Pipeline(LoraMixin):
         is how much of the schedule runs. ``callback(step, num_steps)`` is called after each step.
         ``num_inference_steps`` and ``guidance_scale`` default to the model's ``generation_defaults``
         (``sdrt export --default-steps/--default-guidance``), else to diffusers' 50 and the family's
-        guidance (7.5; 5.0 for SDXL). ``output_type``: "pil", "np" or "latent"."""
+        guidance (7.5; 5.0 for SDXL). ``output_type``: "pil", "np" or "latent".
+
+        ``prompt_syntax``: None (diffusers': 77 tokens, truncated, no weighting), "compel" (compel's
+        weighting syntax, long prompts in 77-token chunks, as compel's CompelForSD/CompelForSDXL give
+        diffusers) or "a1111" (AUTOMATIC1111's); see sdrt.runtime.prompts. ``prompt_embeds`` (B, L, D),
+        ``negative_prompt_embeds`` and, for SDXL, ``pooled_prompt_embeds`` (B, P) and
+        ``negative_pooled_prompt_embeds`` take precomputed conditioning instead of text, as diffusers does."""
         t_start = time.perf_counter()
         task = pick_task(self.manifest, image, mask_image)
         if strength is None:
             strength = 1.0 if mask_image is not None else 0.8
         req = self._request(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                             num_images_per_prompt, seed, latents, scheduler, image, mask_image, strength,
-                            scheduler_config, output_type, generator, callback)
+                            scheduler_config, output_type, generator, callback, prompt_syntax=prompt_syntax,
+                            embeds=(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                    negative_pooled_prompt_embeds))
         latents = task(self, req)
         images = latents if output_type == "latent" else decode(self, latents, req)
         timings = req.timings
         timings.total = time.perf_counter() - t_start
         params = {
-            "prompt": req.prompts if len(req.prompts) > 1 else req.prompts[0],
+            "prompt": req.prompts if req.prompts is None or len(req.prompts) > 1 else req.prompts[0],
             "negative_prompt": negative_prompt,
+            **({"prompt_syntax": req.prompt_syntax} if req.prompt_syntax != "none" else {}),
+            **{name: list(np.shape(x)) for name, x in (("prompt_embeds", prompt_embeds),
+                                                       ("negative_prompt_embeds", negative_prompt_embeds)) if x is not None},
             "num_inference_steps": req.steps,
             "guidance_scale": req.guidance_scale,
             "height": req.height,
@@ -140,10 +158,13 @@ class Pipeline(LoraMixin):
         return PipelineOutput(images, timings, params)
 
     def _request(self, prompt, negative_prompt, steps, guidance_scale, height, width, per_prompt, seed, latents,
-                 scheduler, image, mask_image, strength, scheduler_config, output_type, generator, callback) -> Request:
+                 scheduler, image, mask_image, strength, scheduler_config, output_type, generator, callback, *,
+                 prompt_syntax=None, embeds=(None, None, None, None)) -> Request:
         """The call's arguments checked and filled with defaults; every error names the argument."""
         m, defaults = self.manifest, self.generation_defaults
-        prompts = _as_list(prompt, "prompt")
+        syntax = prompt_syntax_name(prompt_syntax)
+        prompts, prompt_embeds, negative_embeds = self._prompt_inputs(prompt, negative_prompt, *embeds)
+        n_prompts = len(prompts) if prompts is not None else len(prompt_embeds)
         height = m["native_resolution"] if height is None else height
         width = m["native_resolution"] if width is None else width
         if guidance_scale is None:
@@ -172,11 +193,11 @@ class Pipeline(LoraMixin):
         negatives = None
         if negative_prompt is not None:
             negatives = _as_list(negative_prompt, "negative_prompt")
-            if len(negatives) == 1 and len(prompts) > 1:
-                negatives = negatives * len(prompts)
-            if len(negatives) != len(prompts):
+            if len(negatives) == 1 and n_prompts > 1:
+                negatives = negatives * n_prompts
+            if len(negatives) != n_prompts:
                 raise GenerationError(
-                    f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one negative prompt, or one per prompt"
+                    f"{len(negatives)} negative prompts for {n_prompts} prompts; give one negative prompt, or one per prompt"
                 )
         try:
             sched = make_scheduler(scheduler, self.scheduler_config, scheduler_config)
@@ -185,7 +206,8 @@ class Pipeline(LoraMixin):
             raise GenerationError(str(e)) from e
         req = Request(prompts, negatives, per_prompt, steps, float(guidance_scale), height, width, sched,
                       generator if generator is not None else np.random.default_rng(seed),
-                      strength=strength, callback=callback)
+                      strength=strength, callback=callback, prompt_syntax=syntax, prompt_embeds=prompt_embeds,
+                      negative_embeds=negative_embeds)
         image = open_image(image) if image is not None else None  # read once: the mask is checked against it
         if mask_image is not None:
             req.mask = load_mask(mask_image, height, width, image=image)
@@ -199,6 +221,36 @@ class Pipeline(LoraMixin):
             if req.latents.shape != shape:
                 raise GenerationError(f"latents have shape {req.latents.shape}, expected {shape} for this batch and size")
         return req
+
+    def _prompt_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, pooled, negative_pooled):
+        """(prompts, prompt embeddings, negative embeddings): text or diffusers' embeddings, one of the two,
+        checked as diffusers' check_inputs does."""
+        for text, embeds, names in ((prompt, prompt_embeds, ("prompt", "prompt_embeds")),
+                                    (negative_prompt, negative_prompt_embeds, ("negative_prompt", "negative_prompt_embeds"))):
+            if text is not None and embeds is not None:
+                raise GenerationError(f"both {names[0]} and {names[1]} were given; give one of them")
+        for pooled_x, embeds, names in ((pooled, prompt_embeds, ("pooled_prompt_embeds", "prompt_embeds")),
+                                        (negative_pooled, negative_prompt_embeds,
+                                         ("negative_pooled_prompt_embeds", "negative_prompt_embeds"))):
+            if pooled_x is not None and embeds is None:
+                raise GenerationError(f"{names[0]} was given without {names[1]}; give both")
+        if prompt is None and prompt_embeds is None:
+            raise GenerationError("give a prompt (or prompt_embeds)")
+        positive = negative = None
+        if prompt_embeds is not None:
+            positive = self.family.embeds_conditioning(self.manifest, prompt_embeds, pooled,
+                                                       ("prompt_embeds", "pooled_prompt_embeds"))
+        if negative_prompt_embeds is not None:
+            negative = self.family.embeds_conditioning(self.manifest, negative_prompt_embeds, negative_pooled,
+                                                       ("negative_prompt_embeds", "negative_pooled_prompt_embeds"))
+            if positive is not None and negative.hidden.shape != positive.hidden.shape:
+                raise GenerationError(f"negative_prompt_embeds has shape {negative.hidden.shape}, expected "
+                                      f"{positive.hidden.shape}, the shape of prompt_embeds")
+        prompts = _as_list(prompt, "prompt") if prompt is not None else None
+        n = len(prompts) if prompts is not None else len(positive)
+        if negative is not None and len(negative) != n:
+            raise GenerationError(f"negative_prompt_embeds has {len(negative)} rows for {n} prompts; give one row per prompt")
+        return prompts, positive, negative
 
     def close(self) -> None:
         for e in self.engines.values():

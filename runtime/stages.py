@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import prompts
 from .errors import GenerationError, NonFiniteError
 from .families import Conditioning
+from .families.base import unet_inputs
 from .loop import Model, denoise, guided, unet_callable, with_channels
 
 
@@ -53,9 +55,10 @@ class Timings:
 @dataclass
 class Request:
     """One generation call's inputs, checked (Pipeline.__call__ builds it) and what the call is given to
-    work with: the scheduler set to its steps, the noise source, the timings being filled."""
+    work with: the scheduler set to its steps, the noise source, the timings being filled. The prompts
+    come as text (``prompts``, read in ``prompt_syntax``) or as diffusers' embeddings (``prompt_embeds``)."""
 
-    prompts: list[str]
+    prompts: list[str] | None
     negatives: list[str] | None
     per_prompt: int
     steps: int
@@ -69,11 +72,18 @@ class Request:
     mask: np.ndarray | None = None  # (N, 1, H, W) of 0 (keep) / 1 (repaint)
     strength: float = 1.0
     callback: object = None
+    prompt_syntax: str = "none"
+    prompt_embeds: Conditioning | None = None  # one row per prompt
+    negative_embeds: Conditioning | None = None
     timings: Timings = field(default_factory=Timings)
 
     @property
+    def num_prompts(self) -> int:
+        return len(self.prompts) if self.prompts is not None else len(self.prompt_embeds)
+
+    @property
     def batch(self) -> int:
-        return len(self.prompts) * self.per_prompt
+        return self.num_prompts * self.per_prompt
 
     @property
     def cfg(self) -> bool:
@@ -87,27 +97,53 @@ def run_single(pipe, component: str, x: np.ndarray) -> np.ndarray:
 
 
 def encode_prompt(pipe, req: Request) -> Conditioning:
-    """The UNet's conditioning for the batch: (B, 77, D) rows per image, and under guidance the negatives
-    first (2B rows), as diffusers' encode_prompt + torch.cat([negative, positive])."""
+    """The UNet's conditioning for the batch: (B, L, D) rows per image, and under guidance the negatives
+    first (2B rows), as diffusers' encode_prompt + torch.cat([negative, positive]). L is 77, or 77·k for
+    prompts read in chunks (prompt_syntax); the shorter of positive and negative is padded with the empty
+    prompt's chunk, as compel and the webui do."""
     family, t = pipe.family, req.timings
 
     def encode(texts):
         t0 = time.perf_counter()
-        ids = [tok(texts) for tok in pipe.tokenizers]
+        tokens = prompts.tokenize(texts, req.prompt_syntax, pipe.tokenizers, with_pooled=family.has_pooled)
         t1 = time.perf_counter()
-        cond = family.encode_text(pipe.engines, pipe.manifest, ids)
+        cond = tokens.encode(family, pipe.engines, pipe.manifest)
         t.tokenize += t1 - t0
         t.text_encoder += time.perf_counter() - t1
         return cond.repeat(req.per_prompt)
 
-    cond = encode(req.prompts)
+    cond = encode(req.prompts) if req.prompt_embeds is None else req.prompt_embeds.repeat(req.per_prompt)
     if req.cfg:
-        negative = family.negative_for_empty_prompt(cond, pipe.manifest) if req.negatives is None else None
-        if negative is None:
-            negative = encode(req.negatives or [""] * len(req.prompts))
+        if req.negative_embeds is not None:
+            negative = req.negative_embeds.repeat(req.per_prompt)
+        else:
+            negative = family.negative_for_empty_prompt(cond, pipe.manifest) if req.negatives is None else None
+            if negative is None:
+                negative = encode(req.negatives or [""] * req.num_prompts)
+        negative, cond = same_length(pipe, negative, cond)
         cond = Conditioning.concat(negative, cond)
+    check_text_length(pipe.manifest, cond.hidden.shape[1])
     pipe.done_with(*family.text_encoders)
     return cond
+
+
+def same_length(pipe, a: Conditioning, b: Conditioning) -> tuple[Conditioning, Conditioning]:
+    """``a`` and ``b`` with the shorter padded with the empty prompt's 77-token chunk."""
+    if a.hidden.shape[1] == b.hidden.shape[1]:
+        return a, b
+    empty = pipe.family.encode_text(pipe.engines, pipe.manifest, prompts.empty_row(pipe.tokenizers)).hidden[0]
+    n = max(a.hidden.shape[1], b.hidden.shape[1])
+    return tuple(Conditioning(prompts.pad_to_length(c.hidden, n, empty), c.pooled) for c in (a, b))
+
+
+def check_text_length(manifest: dict, length: int) -> None:
+    """A UNet exported with a fixed text length (77, before sdrt read prompts in chunks) takes no more."""
+    fixed = unet_inputs(manifest)[2]["shape"][1]
+    if isinstance(fixed, int) and length != fixed:
+        raise GenerationError(
+            f"the prompt needs {length} tokens of text conditioning and this model's UNet takes {fixed}; "
+            f"re-export the model with this sdrt (`sdrt export CHECKPOINT --out DIR --overwrite`) for long prompts"
+        )
 
 
 def unet_model(pipe, req: Request, cond: Conditioning, extra_channels: np.ndarray | None = None) -> Model:
@@ -160,8 +196,8 @@ def per_image(x: np.ndarray, req: Request, what: str) -> np.ndarray:
 
 def check_rows(n: int, req: Request, what: str) -> None:
     """``n`` images (or masks) are one for all, one per prompt, or one per image of the batch."""
-    if n not in (1, len(req.prompts), req.batch):
-        raise GenerationError(f"{n} {what}s for {len(req.prompts)} prompts; give one {what}, or one per prompt")
+    if n not in (1, req.num_prompts, req.batch):
+        raise GenerationError(f"{n} {what}s for {req.num_prompts} prompts; give one {what}, or one per prompt")
 
 
 def encode_image(pipe, image: np.ndarray, req: Request, what: str = "init image") -> np.ndarray:

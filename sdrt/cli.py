@@ -64,6 +64,19 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _lora_spec(spec: str) -> tuple[str, float]:
+    """``FILE[:SCALE]`` -> (FILE, SCALE); the scale defaults to 1."""
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass  # a colon in the path itself
+    if not Path(spec).exists():
+        raise UserError(f"--lora {spec}: no such file (give FILE or FILE:SCALE, e.g. style.safetensors:0.8)")
+    return spec, 1.0
+
+
 def _cmd_generate(args) -> int:
     import warnings
 
@@ -78,9 +91,12 @@ def _cmd_generate(args) -> int:
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
         if path and not Path(path).is_file():
             raise UserError(f"{flag} {path} does not exist")
+    loras = [_lora_spec(spec) for spec in args.lora or ()]
     try:
         pipe = Pipeline.load(model, backend=args.backend, cuda_graph=args.cuda_graph)
-    except (SdrtError, ValueError) as e:  # a model directory, backend or engine that cannot load
+        if loras:
+            pipe.use_loras(loras)
+    except (SdrtError, ValueError) as e:  # a model directory, backend, engine or LoRA that cannot load
         raise UserError(str(e)) from e
     from tqdm import tqdm
 
@@ -112,6 +128,7 @@ def _cmd_generate(args) -> int:
                 mask_image=args.mask,
                 strength=args.strength,
                 callback=progress,
+                prompt_syntax=None if args.prompt_syntax == "none" else args.prompt_syntax,
             )
         except GenerationError as e:
             raise UserError(_as_flags(str(e))) from e
@@ -121,7 +138,8 @@ def _cmd_generate(args) -> int:
             for bar in bars:
                 bar.close()
     params = dict(result.parameters)
-    params.update({k: v for k, v in (("init_image", args.init_image), ("mask", args.mask)) if v})
+    params.update({k: v for k, v in (("init_image", args.init_image), ("mask", args.mask),
+                                     ("loras", [[p, w] for p, w in loras])) if v})
     for i, (image, path) in enumerate(zip(result.images, output_paths(args.out, len(result.images)))):
         save_png(image, path, {**params, "image_index": i})
         print(f"wrote {path}")
@@ -135,6 +153,7 @@ _GENERATE_FLAGS = {
     "guidance_scale": "--guidance",
     "num_images_per_prompt": "--num-images",
     "negative_prompt": "--negative-prompt",
+    "prompt_syntax": "--prompt-syntax",
     "mask_image": "--mask",
     "without image": "without --init-image",
     "needs image and": "needs --init-image and",
@@ -243,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's native size)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--prompt-syntax", choices=("none", "compel", "a1111"), default="none",
+                   help="read weighting syntax and prompts past 77 tokens as compel or AUTOMATIC1111 do "
+                        "(default none: diffusers' 77 tokens, no weighting)")
     p.add_argument("--init-image", help="image to image: the starting image; with --mask, the image to inpaint")
     p.add_argument("--mask", help="inpainting: a mask of the init image's size, white (>= 50%%) repainted, black kept")
     p.add_argument("--strength", type=float,
@@ -250,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda or tensorrt (default auto)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="TensorRT: capture the UNet call once as a CUDA graph and replay it every step")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="apply a LoRA (safetensors file or diffusers folder) at SCALE (default 1); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdrt.export.profiles import RangeError, component_profile, resolve_ranges, reuse_decision
+from sdrt.export.profiles import MAX_TEXT_CHUNKS, RangeError, component_profile, resolve_ranges, reuse_decision
 from sdrt.runtime.engines import (
     DeviceFacts,
     EngineMismatch,
@@ -39,10 +39,11 @@ def _t(name, shape, dtype="float32"):
 def _manifest(native=512) -> dict:
     """An sd1-like manifest (shapes as `sdrt export` writes them)."""
     comps = {
-        "text_encoder": ([_t("input_ids", ["batch", 77], "int32")], [_t("last_hidden_state", ["batch", 77, 768])]),
+        "text_encoder": ([_t("input_ids", ["batch", 77], "int32"), _t("attention_mask", ["batch", 77], "int32")],
+                         [_t("last_hidden_state", ["batch", 77, 768])]),
         "unet": (
             [_t("sample", ["batch", 4, "latent_height", "latent_width"]), _t("timestep", ["batch"]),
-             _t("encoder_hidden_states", ["batch", 77, 768])],
+             _t("encoder_hidden_states", ["batch", "text_length", 768])],
             [_t("out_sample", ["batch", 4, "latent_height", "latent_width"])],
         ),
         "vae_decoder": ([_t("latent_sample", ["batch", 4, "latent_height", "latent_width"])],
@@ -154,20 +155,29 @@ def test_default_opt_is_kept_inside_an_explicit_range():
     assert r.width == (640, 640, 960)
 
 
-def test_profiles_unet_batch_doubled_text_length_fixed_latent_dims():
+def test_profiles_unet_batch_doubled_text_length_in_chunks_latent_dims():
     m = _manifest()
     r = resolve_ranges(m, height=512, width=768, min_height=256, max_height=768, min_width=512, max_width=1024,
                        batch=2, max_batch=4)
     unet = component_profile(m, "unet", r)
     assert unet["sample"] == {"min": [1, 4, 32, 64], "opt": [4, 4, 64, 96], "max": [8, 4, 96, 128]}
     assert unet["timestep"] == {"min": [1], "opt": [4], "max": [8]}
-    assert unet["encoder_hidden_states"] == {"min": [1, 77, 768], "opt": [4, 77, 768], "max": [8, 77, 768]}
+    # one 77-token chunk of text at min and opt, MAX_TEXT_CHUNKS of them at max (long prompts)
+    assert unet["encoder_hidden_states"] == {"min": [1, 77, 768], "opt": [4, 77, 768], "max": [8, 77 * MAX_TEXT_CHUNKS, 768]}
     te = component_profile(m, "text_encoder", r)
-    assert te["input_ids"] == {"min": [1, 77], "opt": [2, 77], "max": [4, 77]}
+    assert te["input_ids"] == te["attention_mask"] == {"min": [1, 77], "opt": [2, 77], "max": [4, 77]}
     dec = component_profile(m, "vae_decoder", r)
     assert dec["latent_sample"] == {"min": [1, 4, 32, 64], "opt": [2, 4, 64, 96], "max": [4, 4, 96, 128]}
     enc = component_profile(m, "vae_encoder", r)
     assert enc["sample"] == {"min": [1, 3, 256, 512], "opt": [2, 3, 512, 768], "max": [4, 3, 768, 1024]}
+
+
+def test_profile_of_a_unet_exported_with_a_fixed_text_length():
+    """Model directories exported before the UNet took 77·k tokens keep their fixed 77."""
+    m = _manifest()
+    m["components"]["unet"]["inputs"][2]["shape"] = ["batch", 77, 768]
+    unet = component_profile(m, "unet", resolve_ranges(m, batch=1, max_batch=2))
+    assert unet["encoder_hidden_states"] == {"min": [1, 77, 768], "opt": [2, 77, 768], "max": [4, 77, 768]}
 
 
 def test_static_profile_is_one_shape():
@@ -178,6 +188,7 @@ def test_static_profile_is_one_shape():
     assert unet["sample"] == {"min": [4, 4, 80, 48], "opt": [4, 4, 80, 48], "max": [4, 4, 80, 48]}
     te = component_profile(m, "text_encoder", r)
     assert te["input_ids"]["min"] == te["input_ids"]["max"] == [2, 77]
+    assert unet["encoder_hidden_states"]["min"] == unet["encoder_hidden_states"]["max"] == [4, 77, 768]
 
 
 @pytest.mark.parametrize(

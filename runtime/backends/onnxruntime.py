@@ -64,6 +64,19 @@ def _writable_cache_root(model_dir: Path) -> Path | None:
     return None
 
 
+def _give_back_heap() -> None:
+    """Return freed heap to the OS (glibc keeps freed multi-MB weight arrays in its arenas, so each
+    re-weighting would otherwise grow the process by what the previous one freed)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class OrtEngine:
     """One ONNX graph in an InferenceSession.
 
@@ -96,7 +109,7 @@ class OrtEngine:
             else ["CPUExecutionProvider"]
         )
         self.weights: dict = dict(weights or {})  # what set_weights was given (arrays or makers of them)
-        self._held: dict[str, np.ndarray] = {}  # the arrays the session was made with (it may read them)
+        self._held: dict[str, np.ndarray] = {}  # the arrays of set_weights while a session is being made
         self.session = self._load()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -106,12 +119,14 @@ class OrtEngine:
         """Run with these initializers (the graph's own names -> arrays of its shape and dtype, or functions
         making them) instead of the exported ones; every other weight, those set before included, takes its
         exported value. The session is reopened with ONNX Runtime's external-initializer override, applied
-        before its graph optimizations, so fused and re-laid-out weights follow. The old session and its
-        arrays are released before the new arrays are made: peak memory holds one set."""
+        before its graph optimizations, so fused and re-laid-out weights follow. ONNX Runtime copies the
+        arrays into the graph (AddExternalInitializers: the buffers may be freed once the session exists),
+        so they are made when the old session is gone and dropped when the new one stands: the process
+        holds one set of weights, as without LoRA."""
         self.weights = dict(weights)
         self.session = None
-        self._held = {}
         self._on_device.clear()
+        _give_back_heap()
         self.session = self._load()
 
     def _options(self, ort, level):
@@ -137,10 +152,15 @@ class OrtEngine:
     def _load(self):
         import onnxruntime as ort
 
-        session = self._open_cached(ort) if self.cache else None
-        if session is None:
-            session = ort.InferenceSession(str(self.path), self._options(ort, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
-                                           providers=self.providers)
+        try:
+            session = self._open_cached(ort) if self.cache else None
+            if session is None:
+                session = ort.InferenceSession(str(self.path), self._options(ort, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+                                               providers=self.providers)
+        finally:
+            self._held = {}  # copied into the session's graph; made again if a later session needs them
+        if self.weights:
+            _give_back_heap()
         return session
 
     def _open_cached(self, ort):
@@ -209,4 +229,3 @@ class OrtEngine:
     def close(self) -> None:
         self._on_device.clear()
         self.session = None
-        self._held = {}

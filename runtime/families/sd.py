@@ -4,7 +4,7 @@ weights (OpenCLIP tower, v-prediction for the 768 models), which the manifest ca
 
 from __future__ import annotations
 
-from .base import Conditioning, Family, input_names, output_names
+from .base import Family, run_text_encoder
 
 
 class StableDiffusion(Family):
@@ -13,7 +13,6 @@ class StableDiffusion(Family):
     def __init__(self, name: str):
         self.name = name
 
-    def encode_text(self, engines, manifest, token_ids):
-        rec = manifest["components"]["text_encoder"]
-        out = engines["text_encoder"](**{input_names(rec)[0]: token_ids[0]})
-        return Conditioning(out[output_names(rec)[0]])
+    def text_states(self, engines, manifest, token_ids, masks=None):
+        hidden = run_text_encoder(engines, manifest, "text_encoder", token_ids[0], masks and masks[0])[0]
+        return [hidden], None

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Conditioning, Family, input_names, output_names
+from ..errors import GenerationError
+from .base import Conditioning, Family, check_shape, run_text_encoder, unet_inputs
 
 
 class StableDiffusionXL(Family):
@@ -14,13 +15,19 @@ class StableDiffusionXL(Family):
     text_encoders = ("text_encoder", "text_encoder_2")
     required = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
     default_guidance = 5.0
+    has_pooled = True
 
-    def encode_text(self, engines, manifest, token_ids):
-        rec1, rec2 = manifest["components"]["text_encoder"], manifest["components"]["text_encoder_2"]
-        h1 = engines["text_encoder"](**{input_names(rec1)[0]: token_ids[0]})[output_names(rec1)[0]]
-        out2 = engines["text_encoder_2"](**{input_names(rec2)[0]: token_ids[1]})
-        hidden2, pooled = (out2[name] for name in output_names(rec2)[:2])  # penultimate states, projected pooled
-        return Conditioning(np.concatenate([h1, hidden2], axis=-1), pooled)
+    def text_states(self, engines, manifest, token_ids, masks=None):
+        h1 = run_text_encoder(engines, manifest, "text_encoder", token_ids[0], masks and masks[0])[0]
+        h2, pooled = run_text_encoder(engines, manifest, "text_encoder_2", token_ids[1], masks and masks[1])[:2]
+        return [h1, h2], pooled  # penultimate states of both; the second's projected pooled embedding
+
+    def embeds_conditioning(self, manifest, hidden, pooled, names):
+        inputs = unet_inputs(manifest)
+        hidden = check_shape(hidden, (None, None, inputs[2]["shape"][-1]), names[0])
+        if pooled is None:  # as diffusers' StableDiffusionXLPipeline.check_inputs
+            raise GenerationError(f"{names[0]} needs {names[1]} too: SDXL's UNet also takes the pooled text embedding")
+        return Conditioning(hidden, check_shape(pooled, (len(hidden), inputs[3]["shape"][-1]), names[1]))
 
     def negative_for_empty_prompt(self, positive, manifest):
         # the checkpoint's force_zeros_for_empty_prompt (True for SDXL base): zeros, not the encoded ""
