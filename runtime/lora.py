@@ -42,6 +42,8 @@ ROLES = {
     ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",  # diffusers' text encoder
     ".alpha": "alpha",
 }
+# diffusers' oldest form: attention processors' own layers (attn1.processor.to_q_lora.down.weight)
+_PROCESSOR = re.compile(r"\.processor\.(to_[qkv]|to_out)_lora\.")
 UNSUPPORTED = {"lora_magnitude_vector": "DoRA", "lora_B.bias": "LoRA biases", "hada_": "LoHa", "lokr_": "LoKr",
                "lora_mid": "LoCon's Tucker decomposition"}
 
@@ -172,8 +174,9 @@ def parse(tensors: dict[str, np.ndarray], metadata: dict, maps: dict[str, Weight
     parts: dict[tuple[str, str], dict] = {}
     unknown = []
     for key, value in tensors.items():
-        suffix = next((s for s in ROLES if key.endswith(s)), None)
-        found = _module(key[: -len(suffix)], maps) if suffix else None
+        plain = _PROCESSOR.sub(lambda m: f".{m[1]}{'.0' if m[1] == 'to_out' else ''}.lora.", key)
+        suffix = next((s for s in ROLES if plain.endswith(s)), None)
+        found = _module(plain[: -len(suffix)], maps) if suffix else None
         if found is None:
             unknown.append(key)
             continue
@@ -183,7 +186,7 @@ def parse(tensors: dict[str, np.ndarray], metadata: dict, maps: dict[str, Weight
             f"{source}: {len(unknown)} of {len(tensors)} keys match no weight of this model, e.g. "
             f"{', '.join(repr(k) for k in unknown[:3])}; is it a LoRA for another family (SD 1.x, SD 2.x, SDXL)?"
         )
-    alphas = _metadata_alphas(metadata)
+    scale_of = _metadata_scales(metadata)
     adapter = Adapter(name, source)
     for (component, module), p in parts.items():
         if module in maps[component].unmapped:
@@ -194,10 +197,9 @@ def parse(tensors: dict[str, np.ndarray], metadata: dict, maps: dict[str, Weight
             continue
         if "down" not in p or "up" not in p:
             raise LoraError(f"{source}: {component} module {module!r} has no {'up' if 'down' in p else 'down'} matrix")
-        rank = p["down"].shape[0]
-        alpha = float(p["alpha"]) if "alpha" in p else alphas(component, module, rank)
-        scale = alpha / math.sqrt(rank) if _rslora(metadata, component) else alpha / rank
-        adapter.updates.setdefault(component, {})[module] = Update(p["down"], p["up"], scale)
+        alpha = float(p["alpha"]) if "alpha" in p else None
+        adapter.updates.setdefault(component, {})[module] = Update(p["down"], p["up"],
+                                                                   scale_of(component, module, p["down"].shape[0], alpha))
     return adapter
 
 
@@ -211,37 +213,30 @@ def _module(stem: str, maps: dict[str, WeightMap]) -> tuple[str, str] | None:
     component = PREFIXES.get(head)
     if component is None or component not in maps:
         return None
-    rest = re.sub(r"\.processor\.(to_[qkv]|to_out)_lora$", lambda m: "." + (m[1] + ".0" if m[1] == "to_out" else m[1]), rest)
     for candidate in (rest, rest.removeprefix("text_model.")):  # transformers 4.x names CLIP modules text_model.*
         if maps[component].knows(candidate):
             return component, candidate
     return None
 
 
-def _metadata_alphas(metadata: dict):
-    """alpha(component, module, rank) from diffusers' lora_adapter_metadata (PEFT LoraConfig fields
-    under "unet.", "text_encoder." prefixes); rank itself (scale 1) without it, as diffusers does."""
+def _metadata_scales(metadata: dict):
+    """scale(component, module, rank, alpha) = alpha / rank (alpha / sqrt(rank) under rsLoRA), with alpha
+    from the file's own key, else diffusers' lora_adapter_metadata (PEFT LoraConfig fields under "unet.",
+    "text_encoder." prefixes), else the rank itself (scale 1), as diffusers does."""
     try:
         meta = json.loads(metadata.get("lora_adapter_metadata") or "{}")
     except ValueError:
         meta = {}
 
-    def alpha(component, module, rank):
-        pattern = meta.get(f"{component}.alpha_pattern") or {}
-        for key, value in pattern.items():
-            if module == key or module.endswith("." + key):
-                return float(value)
-        value = meta.get(f"{component}.lora_alpha")
-        return float(value) if value is not None else float(rank)
+    def scale(component, module, rank, alpha):
+        if alpha is None:
+            pattern = meta.get(f"{component}.alpha_pattern") or {}
+            alpha = next((float(v) for k, v in pattern.items() if module == k or module.endswith("." + k)), None)
+        if alpha is None:
+            alpha = float(meta.get(f"{component}.lora_alpha", rank))
+        return alpha / (math.sqrt(rank) if meta.get(f"{component}.use_rslora") else rank)
 
-    return alpha
-
-
-def _rslora(metadata: dict, component: str) -> bool:
-    try:
-        return bool(json.loads(metadata.get("lora_adapter_metadata") or "{}").get(f"{component}.use_rslora"))
-    except ValueError:
-        return False
+    return scale
 
 
 # -- the pipeline's verbs ---------------------------------------------------------------------------------

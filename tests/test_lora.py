@@ -272,7 +272,7 @@ def test_model_without_weight_map_says_reexport(tmp_path, model_dir, loras):
 
 
 def test_older_key_forms_and_transformers4_names(loras, pipes, tmp_path, single_thread):
-    """diffusers' older spellings (attention processors' ``lora.down``, the text encoder's
+    """diffusers' older spellings (``lora.down``, attention processors' ``processor.to_q_lora``, the text encoder's
     ``lora_linear_layer.down``, transformers 4.x's ``text_model.`` prefix) load as the PEFT keys do."""
     from safetensors.numpy import load_file, save_file
 
@@ -286,6 +286,8 @@ def test_older_key_forms_and_transformers4_names(loras, pipes, tmp_path, single_
     for k, v in load_file(str(peft_file)).items():
         if k.startswith("unet."):
             k = k.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight")
+            k = k.replace(".attn1.to_q.lora.", ".attn1.processor.to_q_lora.")  # the oldest: attention processors
+            k = k.replace(".attn1.to_out.0.lora.", ".attn1.processor.to_out_lora.")
         else:
             k = k.replace("text_encoder.", "text_encoder.text_model.", 1)
             k = k.replace(".lora_A.weight", ".lora_linear_layer.down.weight").replace(".lora_B.weight", ".lora_linear_layer.up.weight")

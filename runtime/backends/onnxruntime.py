@@ -94,10 +94,11 @@ class OrtEngine:
         self.provider = provider
         self.model_dir, self.record = Path(model_dir), record
         self.path = self.model_dir / record["file"]
-        if not self.path.is_file():
-            from ..manifest import ModelDirError
+        for path in (self.path, record.get("external_data") and self.model_dir / record["external_data"]):
+            if path and not path.is_file():
+                from ..manifest import ModelDirError
 
-            raise ModelDirError(f"{self.path} is missing; re-export the model with `sdrt export --overwrite`")
+                raise ModelDirError(f"{path} is missing; re-export the model with `sdrt export --overwrite`")
         if provider == "cuda" and not cuda_available():
             raise BackendUnavailable(
                 "ONNX Runtime's CUDA provider is not available here: install onnxruntime-gpu (pip install 'sdrt[gpu]') on a machine with an NVIDIA GPU"
@@ -152,11 +153,21 @@ class OrtEngine:
     def _load(self):
         import onnxruntime as ort
 
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+
         try:
             session = self._open_cached(ort) if self.cache else None
             if session is None:
                 session = ort.InferenceSession(str(self.path), self._options(ort, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
                                                providers=self.providers)
+        except (state.InvalidProtobuf, state.InvalidGraph, state.InvalidArgument, state.Fail) as e:
+            if self.weights:
+                raise  # weights given by set_weights that the graph refuses: not the file's fault
+            from ..manifest import ModelDirError
+
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelDirError(f"{self.path} is damaged: ONNX Runtime cannot load it ({first}); "
+                                "re-export the model with `sdrt export --overwrite`") from e
         finally:
             self._held = {}  # copied into the session's graph; made again if a later session needs them
         if self.weights:
@@ -173,8 +184,11 @@ class OrtEngine:
         if root is None:
             return None
         record = self.record
+        # the files' size and mtime too: a graph damaged after its cache entry was made is not hidden by it
+        stats = [((self.model_dir / f).stat().st_size, (self.model_dir / f).stat().st_mtime_ns)
+                 for f in (record["file"], record.get("external_data")) if f]
         key = hashlib.sha256(
-            f"{record.get('sha256')}|{record.get('external_data_sha256')}|{ort.__version__}|{self.provider}|extended".encode()
+            f"{record.get('sha256')}|{record.get('external_data_sha256')}|{stats}|{ort.__version__}|{self.provider}|extended".encode()
         ).hexdigest()[:16]
         entry = root / f"{self.name}-{self.provider}-{key}"
         cached = entry / "model.onnx"
@@ -186,9 +200,9 @@ class OrtEngine:
                 if self.weights:
                     return None  # a weight the cached graph lacks: open the exported graph instead
                 shutil.rmtree(entry, ignore_errors=True)  # stale or damaged: rebuild below
-        opts = self._options(ort, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         if self.weights:
             return None  # the cache is filled from the exported weights only
+        opts = self._options(ort, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
         opts.optimized_model_filepath = str(tmp / "model.onnx")
         if record.get("external_data"):
