@@ -13,6 +13,7 @@ builder object (``facts``, ``has_fp16_flag``, ``build(...)``) so everything else
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -271,6 +272,7 @@ def build_engines(
             "build_seconds": round(seconds, 3),
             "built_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "size_bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),  # checked by the backend before it deserializes the plan
             "optimization_level": optimization_level,
             "refittable": bool(refittable),
         }

@@ -67,6 +67,9 @@ class WeightMap:
         except (OSError, ValueError, KeyError) as e:
             raise ModelDirError(f"{path} cannot be read ({e}); re-export the model with `sdrt export --overwrite`") from e
         self.by_initializer = {e["initializer"]: e for e in self.entries.values()}
+        outside = [e["file"] for e in self.entries.values() if Path(e["file"]).name != e["file"]]
+        if outside:  # the data lies beside the graph, by its plain name
+            raise ModelDirError(f"{path} names data file {outside[0]!r} outside {self.dir}; re-export the model")
         # modules the graph does not compute (their updates cannot change the output: skipped), and
         # modules it computes without a weight of their own (folded: refused)
         self.unused, self.unmapped = set(doc.get("unused", ())), set(doc.get("unmapped", ()))

@@ -27,12 +27,20 @@ class ClipTokenizer:
 
     @classmethod
     def from_manifest(cls, model_dir: Path, rec: dict) -> "ClipTokenizer":
+        from .errors import ModelDirError
+
         path = Path(model_dir) / rec["file"]
         if not path.is_file():
-            from .manifest import ModelDirError
-
             raise ModelDirError(f"{path} is missing; re-export the model with `sdrt export --overwrite`")
-        return cls(path, rec["max_length"], rec["pad_token_id"], rec["eos_token_id"], rec.get("bos_token_id"))
+        missing = [k for k in ("pad_token_id", "eos_token_id") if k not in rec]
+        if missing:
+            raise ModelDirError(f"{Path(model_dir) / 'sdrt.json'}: the tokenizer record of {rec['file']} has no "
+                                f"{' or '.join(missing)}; re-export the model with `sdrt export --overwrite`")
+        try:
+            return cls(path, rec["max_length"], rec["pad_token_id"], rec["eos_token_id"], rec.get("bos_token_id"))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise ModelDirError(f"{path} is damaged: the tokenizers library cannot read it ({e}); "
+                                "re-export the model with `sdrt export --overwrite`") from e
 
     def __call__(self, prompts: list[str], warn: bool = True) -> np.ndarray:
         """(B, max_length) int32 ids: BOS, tokens, EOS, then padding; over-long prompts keep their

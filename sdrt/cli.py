@@ -54,13 +54,22 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from sdrt.runtime.info import describe
+    from sdrt.runtime.info import describe, verify
     from sdrt.runtime.manifest import ModelDirError
 
     try:
-        print(describe(args.model_dir))
+        if not args.verify:
+            print(describe(args.model_dir))
+            return 0
+        checked, bad = verify(args.model_dir)
     except ModelDirError as e:
         raise UserError(str(e)) from e
+    for line in bad:
+        print(f"mismatch: {line}")
+    if bad:
+        raise UserError(f"{len(bad)} of {len(checked)} files in {args.model_dir} do not match the sha256 sdrt.json records: "
+                        "re-export the model with `sdrt export --overwrite` (and rebuild engines with `sdrt build --force`)")
+    print(f"{args.model_dir}: all {len(checked)} files match the sha256 sdrt.json records")
     return 0
 
 
@@ -307,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a model directory: components, shapes, precisions, engines")
     p.add_argument("model_dir")
+    p.add_argument("--verify", action="store_true",
+                   help="check every file's sha256 against sdrt.json instead; exit 1 when any differs")
     p.set_defaults(func=_cmd_info)
     return ap
 

@@ -19,6 +19,7 @@ needs them, and nothing here touches torch.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engines import DeviceFacts, EngineMismatch, check_engine_set, check_shapes, opens_lazily
+from ..errors import ModelDirError
 from .base import BackendUnavailable
 
 INSTALL = "pip install 'sdrt[tensorrt]'"
@@ -229,7 +231,13 @@ class TrtEngine:
         self._component_record, self._vsf = component_record, vae_scale_factor
         self._profile = record.get("profile") or {}
         path = self.model_dir / record["file"]
-        engine = session.runtime.deserialize_cuda_engine(path.read_bytes())
+        plan = path.read_bytes()
+        if record.get("sha256") and hashlib.sha256(plan).hexdigest() != record["sha256"]:  # none: an older build
+            raise ModelDirError(
+                f"{path} does not match the sha256 `sdrt build` recorded for it (damaged or replaced); "
+                f"rebuild it with `sdrt build {self.model_dir} --components {name} --force`"
+            )
+        engine = session.runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise BackendUnavailable(
                 f"TensorRT could not load {path} (built by another TensorRT version, or damaged); "
