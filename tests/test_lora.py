@@ -37,6 +37,7 @@ TOL = 2e-3
 STEPS = 3
 PROMPT = "a red circle on a blue background"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "ff.net.2"]
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # Linear weights only
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 
@@ -44,7 +45,7 @@ def _reference_class(path):
     return diffusers.StableDiffusionXLPipeline if (path / "text_encoder_2").is_dir() else diffusers.StableDiffusionPipeline
 
 
-def make_lora(ckpt, out, seed: int, fmt: str):
+def make_lora(ckpt, out, seed: int, fmt: str, unet_targets=UNET_TARGETS):
     """A LoRA of the checkpoint in ``fmt``: a diffusers folder, or a kohya .safetensors file."""
     from diffusers.utils import convert_state_dict_to_kohya
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
@@ -52,7 +53,7 @@ def make_lora(ckpt, out, seed: int, fmt: str):
     cls = _reference_class(ckpt)
     pipe = cls.from_pretrained(ckpt, torch_dtype=torch.float32)
     torch.manual_seed(seed)
-    ucfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=UNET_TARGETS)
+    ucfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=unet_targets)
     tcfg = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=TEXT_TARGETS)
     pipe.unet.add_adapter(ucfg)
     encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": getattr(pipe, "text_encoder_2", None)}
@@ -86,10 +87,11 @@ def make_lora(ckpt, out, seed: int, fmt: str):
 def loras(checkpoint, tmp_path_factory):
     cache = {}
 
-    def get(family, fmt, seed):
-        key = (family, fmt, seed)
+    def get(family, fmt, seed, unet_targets=UNET_TARGETS):
+        key = (family, fmt, seed, tuple(unet_targets))
         if key not in cache:
-            cache[key] = make_lora(checkpoint(family), tmp_path_factory.mktemp(f"lora-{family}-{fmt}-{seed}"), seed, fmt)
+            cache[key] = make_lora(checkpoint(family), tmp_path_factory.mktemp(f"lora-{family}-{fmt}-{seed}"), seed, fmt,
+                                   unet_targets)
         return cache[key]
 
     return get
@@ -168,6 +170,27 @@ def test_lora_matches_diffusers(family, fmt, case, loras, reference, pipes, sing
     print(f"{family} {fmt} {case}: max abs {err:.2e} (the LoRA changes the image by up to {effect:.2f})")
     assert effect > 0.02, "the test LoRA should visibly change the image"
     assert err <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_linear_only_lora_runs_on_the_optimized_graph(family, loras, reference, pipes, single_thread):
+    """Linear weights keep their names in ONNX Runtime's fully optimized (cached) graph, so a LoRA of
+    them is applied there; one touching convolutions (the other tests) opens the exported graph."""
+    ref, pipe = reference(family), pipes(family)
+    latents = latents_for(pipe)
+    lora = loras(family, "diffusers", 2, ATTENTION)
+    try:
+        ref.load_lora_weights(str(lora))
+        expected = run_diffusers(ref, latents)
+    finally:
+        ref.unload_lora_weights()
+    pipe.load_lora_weights(lora)
+    assert pipe.engines["unet"].source == "cache"
+    got = run_sdrt(pipe, latents)
+    print(f"{family} attention-only: max abs {float(np.abs(got - expected).max()):.2e}")
+    assert float(np.abs(got - expected).max()) <= TOL
+    pipe.load_lora_weights(loras(family, "diffusers", 0), adapter_name="convs")
+    assert pipe.engines["unet"].source == "graph"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
