@@ -91,9 +91,9 @@ class WeightMap:
     def merged(self, initializer: str, updates: list[tuple[float, "Update"]]) -> np.ndarray:
         """The exported weight plus each ``weight · update``, in the initializer's dtype and layout."""
         e = self.by_initializer[initializer]
-        w = self.exported(initializer).astype(np.float32)  # a fresh array even when already float32
+        w = self.exported(initializer).astype(np.float32, copy=False)  # read afresh: ours to add to
         for weight, u in updates:
-            w += np.float32(weight) * u.delta(tuple(e["shape"]), e["transposed"])
+            u.add_to(w, e["transposed"], weight)
         return w.astype(e["dtype"], copy=False)
 
 
@@ -119,13 +119,14 @@ class Update:
     up: np.ndarray  # (out, rank[, 1, 1])
     scale: float
 
-    def delta(self, shape: tuple, transposed: bool) -> np.ndarray:
+    def add_to(self, w: np.ndarray, transposed: bool, weight: float) -> None:
+        """``w += weight · scale · up @ down`` in place, in ``w``'s layout ((out, in[, kh, kw]), or (in, out)
+        for a transposed MatMul weight); the scalars go on the rank-sized factor."""
         rank = self.down.shape[0]
-        d = self.up.reshape(self.up.shape[0], rank).astype(np.float32) @ self.down.reshape(rank, -1).astype(np.float32)
-        d = d.T if transposed else d
-        if d.size != math.prod(shape):
-            raise ValueError(f"update of shape {d.shape} for a weight of shape {tuple(shape)}")
-        return (np.float32(self.scale) * d).reshape(shape)
+        up = self.up.reshape(self.up.shape[0], rank).astype(np.float32) * np.float32(weight * self.scale)
+        down = self.down.reshape(rank, -1).astype(np.float32)
+        flat = w.reshape(w.shape[0], -1)  # a view: w is contiguous
+        flat += down.T @ up.T if transposed else up @ down
 
 
 @dataclass
