@@ -12,7 +12,8 @@ override; TensorRT's refitter). Unloading hands back the exported weights themse
 
 Formats: diffusers/PEFT (``save_lora_weights``: ``unet.…lora_A.weight``, ``text_encoder.…``, the
 older ``lora.down``/``lora_linear_layer.down`` forms) and kohya/AUTOMATIC1111 (``lora_unet_…``,
-``lora_te_…``, ``lora_te1_…``/``lora_te2_…`` with ``.alpha``), for the UNet and the text encoder(s).
+``lora_te_…``, ``lora_te1_…``/``lora_te2_…`` with ``.alpha``; SDXL ones in the original layout's names,
+``lora_unet_input_blocks_4_1_…``, as kohya's sd-scripts write them), for the UNet and the text encoder(s).
 """
 
 from __future__ import annotations
@@ -211,7 +212,9 @@ def _module(stem: str, maps: dict[str, WeightMap]) -> tuple[str, str] | None:
     """(component, module name) a key stem names, in diffusers' dotted form or kohya's underscored one."""
     for prefix, component in KOHYA_PREFIXES.items():
         if stem.startswith(prefix) and component in maps:
-            module = maps[component].kohya.get(stem[len(prefix):])
+            wmap, rest = maps[component], stem[len(prefix):]
+            names = _sgm_to_diffusers(rest, wmap) if component == "unet" and _SGM_BLOCK.match(rest) else [rest]
+            module = next((wmap.kohya[n] for n in names if n in wmap.kohya), None)
             return (component, module) if module else None
     head, _, rest = stem.partition(".")
     component = PREFIXES.get(head)
@@ -221,6 +224,41 @@ def _module(stem: str, maps: dict[str, WeightMap]) -> tuple[str, str] | None:
         if maps[component].knows(candidate):
             return component, candidate
     return None
+
+
+# kohya's SDXL LoRAs name UNet modules after the original (SGM/LDM) layout: input_blocks_4_1_..., middle_block_1_...
+_SGM_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)_\d")
+_SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+               "skip_connection": "conv_shortcut"}
+
+
+def _sgm_to_diffusers(stem: str, wmap: WeightMap) -> list[str]:
+    """Candidate diffusers names (underscored, as kohya's) for an SGM-layout UNet key, as diffusers'
+    _maybe_map_sgm_blocks_to_diffusers: input block i > 0 is down block (i-1) // (n+1), layer (i-1) % (n+1)
+    (layer n: the downsampler); output block i is up block i // (n+1), layer i % (n+1); middle 0, 1, 2 are
+    resnet 0, attention 0, resnet 1; n the UNet's resnets per down block."""
+    n = 1 + max((int(m.split(".")[3]) for m in wmap.entries if m.startswith("down_blocks.0.resnets.")), default=0)
+    kind, _, rest = stem.partition("_blocks_") if not stem.startswith("middle_block_") else ("middle", "", stem[13:])
+    idx, _, rest = rest.partition("_")
+    i = int(idx)
+    if kind == "middle":
+        heads = [("mid_block_resnets_0", "mid_block_attentions_0", "mid_block_resnets_1")[i]] if i < 3 else []
+    else:
+        j, _, rest = rest.partition("_")
+        if kind == "input":
+            if i == 0:
+                return ["conv_in"]
+            block, layer = divmod(i - 1, n + 1)
+            heads = ([f"down_blocks_{block}_downsamplers_0"] if layer == n else
+                     [f"down_blocks_{block}_{'resnets' if j == '0' else 'attentions'}_{layer}"])
+        else:
+            block, layer = divmod(i, n + 1)
+            heads = ([f"up_blocks_{block}_resnets_{layer}"] if j == "0" else
+                     [f"up_blocks_{block}_attentions_{layer}", f"up_blocks_{block}_upsamplers_0"])
+    if rest in ("op", "conv"):  # a down- or upsampler's convolution
+        return [f"{h}_conv" for h in heads]
+    rest = next((rest.replace(k, v, 1) for k, v in _SGM_RESNET.items() if rest.startswith(k)), rest)
+    return [f"{h}_{rest}" for h in heads]
 
 
 def _metadata_scales(metadata: dict):

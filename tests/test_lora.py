@@ -337,3 +337,58 @@ def test_cli_lora(model_dir, loras, pipes, tmp_path, single_thread):
     expected = pipe(PROMPT, num_inference_steps=STEPS, scheduler="ddim", seed=0).images[0]
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(expected))
     assert main(args + ["--lora", str(tmp_path / "nope.safetensors")]) != 0
+
+
+def _to_sgm(key: str, n: int, with_attentions: set) -> str:
+    """kohya's diffusers-named SDXL UNet key in the original (SGM) layout's names, as kohya's sd-scripts write
+    SDXL LoRAs; ``n`` resnets per down block; ``with_attentions``: up blocks that have attentions."""
+    import re
+
+    stem, dot, tail = key.partition(".")
+    body = stem.removeprefix("lora_unet_")
+    resnet = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1",
+              "conv_shortcut": "skip_connection"}
+    rules = [
+        (r"down_blocks_(\d+)_resnets_(\d+)_(\w+)", lambda b, l, r: f"input_blocks_{b * (n + 1) + l + 1}_0_{resnet.get(r, r)}"),
+        (r"down_blocks_(\d+)_attentions_(\d+)_(\w+)", lambda b, l, r: f"input_blocks_{b * (n + 1) + l + 1}_1_{r}"),
+        (r"down_blocks_(\d+)_downsamplers_0_(conv)", lambda b, r: f"input_blocks_{b * (n + 1) + n + 1}_0_op"),
+        (r"mid_block_resnets_(\d+)_(\w+)", lambda l, r: f"middle_block_{2 * l}_{resnet.get(r, r)}"),
+        (r"mid_block_attentions_0_(\w+)", lambda r: f"middle_block_1_{r}"),
+        (r"up_blocks_(\d+)_resnets_(\d+)_(\w+)", lambda b, l, r: f"output_blocks_{b * (n + 1) + l}_0_{resnet.get(r, r)}"),
+        (r"up_blocks_(\d+)_attentions_(\d+)_(\w+)", lambda b, l, r: f"output_blocks_{b * (n + 1) + l}_1_{r}"),
+        (r"up_blocks_(\d+)_upsamplers_0_(conv)",
+         lambda b, r: f"output_blocks_{b * (n + 1) + n}_{2 if b in with_attentions else 1}_conv"),
+    ]
+    for pattern, name in rules:
+        m = re.fullmatch(pattern, body)
+        if m:
+            args = [int(g) if g.isdigit() else g for g in m.groups()]
+            return f"lora_unet_{name(*args)}{dot}{tail}"
+    return key
+
+
+def test_kohya_sdxl_in_sgm_names(loras, reference, pipes, checkpoint, tmp_path, single_thread):
+    """kohya's sd-scripts name SDXL UNet modules after the original layout (input_blocks_4_1_...), which
+    diffusers maps to its own; sdrt reads them the same."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.numpy import load_file, save_file
+
+    config = UNet2DConditionModel.load_config(checkpoint("sdxl") / "unet")
+    with_attn = {i for i, t in enumerate(config["up_block_types"]) if "CrossAttn" in t}
+    kohya = loras("sdxl", "kohya", 0)
+    sgm = {_to_sgm(k, config["layers_per_block"], with_attn): v for k, v in load_file(str(kohya)).items()}
+    assert any("input_blocks_" in k for k in sgm) and any("output_blocks_" in k for k in sgm)
+    save_file(sgm, str(tmp_path / "sgm.safetensors"))
+    ref, pipe = reference("sdxl"), pipes("sdxl")
+    latents = latents_for(pipe)
+    try:
+        ref.load_lora_weights(str(tmp_path / "sgm.safetensors"))
+        expected = run_diffusers(ref, latents)
+    finally:
+        ref.unload_lora_weights()
+    pipe.load_lora_weights(kohya)
+    same_file_in_diffusers_names = run_sdrt(pipe, latents)
+    pipe.load_lora_weights(tmp_path / "sgm.safetensors")
+    got = run_sdrt(pipe, latents)
+    np.testing.assert_array_equal(got, same_file_in_diffusers_names)
+    assert float(np.abs(got - expected).max()) <= TOL
