@@ -67,11 +67,13 @@ def map_weights(wrapper: torch.nn.Module, model: onnx.ModelProto) -> tuple[dict[
     the graph does not compute at all (the last layer of a text encoder whose penultimate states are
     the output), whose LoRA updates cannot change the output; "unmapped" ones it computes without
     holding their weight as one initializer, whose LoRA updates the runtime refuses."""
-    by_print = {}
-    for t in model.graph.initializer:
+    inits = model.graph.initializer
+    by_print: dict[tuple, list[int]] = {}  # indices only: protobuf hands out a copy of raw_data on each read
+    for i, t in enumerate(inits):
         a = _raw(t)
         if a is not None and a.ndim in (2, 4):
-            by_print.setdefault(_fingerprint(a), []).append((t.name, a))
+            by_print.setdefault(_fingerprint(a), []).append(i)
+        del a
     found = {}
     prefix, targets = lora_targets(wrapper)
     for name, w in targets.items():
@@ -79,7 +81,8 @@ def map_weights(wrapper: torch.nn.Module, model: onnx.ModelProto) -> tuple[dict[
         for transposed, cand in ((False, w), (True, np.ascontiguousarray(w.T) if w.ndim == 2 else None)):
             if cand is None:
                 continue
-            hit = next((n for n, a in by_print.get(_fingerprint(cand), ()) if np.array_equal(a, cand)), None)
+            hit = next((inits[i].name for i in by_print.get(_fingerprint(cand), ()) if np.array_equal(_raw(inits[i]), cand)),
+                       None)
             if hit is not None:
                 found[name] = {"initializer": hit, "transposed": transposed}
                 break
