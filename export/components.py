@@ -47,6 +47,13 @@ class Component:
         }
 
 
+def text_encoder_component(name: str, module: torch.nn.Module, outputs: list[TensorSpec], ids, length: int) -> Component:
+    """A text encoder's descriptor: token ids and their attention mask, (batch, length) int32, in;
+    ``outputs`` out; ``ids(b, h, w)`` its sample inputs; validated at batch 1 and 2."""
+    inputs = [TensorSpec("input_ids", "int32", [BATCH, length]), TensorSpec("attention_mask", "int32", [BATCH, length])]
+    return Component(name, module, inputs, outputs, ids, [(1, 0, 0), (2, 0, 0)])
+
+
 class TextEncoderOutputs(torch.nn.Module):
     """CLIP text tower returning exactly what the pipeline consumes.
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 from sdrt import __version__
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.files import default_mode, sha256_file, write_json_atomic
+from sdrt.runtime.files import default_mode, release_memory, sha256_file, write_json_atomic
 from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, check_generation_defaults
 
 from . import families, onnx_graph, weights
@@ -164,7 +164,7 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
         dest.mkdir()
         lora = comp.name in weights.LORA_COMPONENTS
         external = onnx_graph.export_graph(comp, dest / "model.onnx", opset, fp16=half, lora=lora)
-        onnx_graph.release_memory()
+        release_memory()
         t_export = time.perf_counter() - t
         try:
             val = validate(comp, dest / "model.onnx")

@@ -116,19 +116,11 @@ class StableDiffusion:
         return text + [self.unet_component(ckpt, max_length, ctx_dim)] + vae_components(ckpt)
 
     def text_encoder_components(self, ckpt: Checkpoint, L: int, ids) -> list:
-        from .components import BATCH, Component, TensorSpec, TextEncoderOutputs
+        from .components import BATCH, TensorSpec, TextEncoderOutputs, text_encoder_component
 
         d = ckpt.text_encoder.config.hidden_size
-        return [
-            Component(
-                "text_encoder",
-                TextEncoderOutputs(ckpt.text_encoder, "last"),
-                [TensorSpec("input_ids", "int32", [BATCH, L]), TensorSpec("attention_mask", "int32", [BATCH, L])],
-                [TensorSpec("last_hidden_state", "float32", [BATCH, L, d])],
-                ids,
-                [(1, 0, 0), (2, 0, 0)],
-            )
-        ]
+        return [text_encoder_component("text_encoder", TextEncoderOutputs(ckpt.text_encoder, "last"),
+                                       [TensorSpec("last_hidden_state", "float32", [BATCH, L, d])], ids, L)]
 
     def unet_added_inputs(self, unet) -> list:
         """The UNet's conditioning inputs beyond sample, timestep and encoder_hidden_states
@@ -232,28 +224,17 @@ class StableDiffusionXL(StableDiffusion):
         )
 
     def text_encoder_components(self, ckpt: Checkpoint, L: int, ids) -> list:
-        from .components import BATCH, Component, TensorSpec, TextEncoderOutputs
+        from .components import BATCH, TensorSpec, TextEncoderOutputs, text_encoder_component
 
         d1 = ckpt.text_encoder.config.hidden_size
         te2 = ckpt.text_encoder_2
         d2, proj = te2.config.hidden_size, te2.config.projection_dim
         return [
-            Component(
-                "text_encoder",
-                TextEncoderOutputs(ckpt.text_encoder, "penultimate"),
-                [TensorSpec("input_ids", "int32", [BATCH, L]), TensorSpec("attention_mask", "int32", [BATCH, L])],
-                [TensorSpec("hidden_states", "float32", [BATCH, L, d1])],
-                ids,
-                [(1, 0, 0), (2, 0, 0)],
-            ),
-            Component(
-                "text_encoder_2",
-                TextEncoderOutputs(te2, "penultimate+pooled"),
-                [TensorSpec("input_ids", "int32", [BATCH, L]), TensorSpec("attention_mask", "int32", [BATCH, L])],
-                [TensorSpec("hidden_states", "float32", [BATCH, L, d2]), TensorSpec("text_embeds", "float32", [BATCH, proj])],
-                ids,
-                [(1, 0, 0), (2, 0, 0)],
-            ),
+            text_encoder_component("text_encoder", TextEncoderOutputs(ckpt.text_encoder, "penultimate"),
+                                   [TensorSpec("hidden_states", "float32", [BATCH, L, d1])], ids, L),
+            text_encoder_component("text_encoder_2", TextEncoderOutputs(te2, "penultimate+pooled"),
+                                   [TensorSpec("hidden_states", "float32", [BATCH, L, d2]),
+                                    TensorSpec("text_embeds", "float32", [BATCH, proj])], ids, L),
         ]
 
     def _pooled_dim(self, unet) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from sdrt.runtime.files import default_mode
+from sdrt.runtime.files import default_mode, release_memory
 
 from . import weights
 from .components import Component
@@ -102,19 +102,6 @@ def _optimized(raw: Path) -> onnx.ModelProto:
         graph.cleanup().toposort()
         model = onnx.shape_inference.infer_shapes(gs.export_onnx(graph))
     return model
-
-
-def release_memory() -> None:
-    """Hand freed heap back to the OS: protobuf copies of a multi-GB graph leave glibc's arenas
-    large, and the next stage (validation loads the graph into ONNX Runtime) should not pay for them."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _quiet_tools() -> None:

@@ -1,4 +1,5 @@
-"""Atomic file writes and hashing, shared by export, build and the runtime's image output."""
+"""Atomic file writes and hashing, shared by export, build and the runtime's image output; and handing
+freed heap back to the OS after multi-GB weights were read or written."""
 
 from __future__ import annotations
 
@@ -45,3 +46,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS: glibc keeps freed multi-MB buffers (protobuf copies of a graph,
+    LoRA-merged weights) in its arenas, so the next stage would otherwise grow the process by them."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -135,7 +135,6 @@ class Adapter:
     name: str
     source: str
     updates: dict[str, dict[str, Update]] = field(default_factory=dict)  # component -> module -> update
-    skipped: list[str] = field(default_factory=list)  # modules the exported graphs do not compute
 
 
 def read_file(path, weight_name: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
@@ -198,8 +197,7 @@ def parse(tensors: dict[str, np.ndarray], metadata: dict, maps: dict[str, Weight
             raise LoraError(f"{source}: the exported {component} graph holds no separate weight for {module!r} "
                             f"(folded into another constant), so this LoRA cannot be applied to it without a re-export")
         if module in maps[component].unused:
-            adapter.skipped.append(f"{component}.{module}")  # the graph never computes it
-            continue
+            continue  # the graph never computes it: its update cannot change the output
         if "down" not in p or "up" not in p:
             raise LoraError(f"{source}: {component} module {module!r} has no {'up' if 'down' in p else 'down'} matrix")
         alpha = float(p["alpha"]) if "alpha" in p else None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import release_memory
 from .base import BackendUnavailable
 
 
@@ -64,19 +65,6 @@ def _writable_cache_root(model_dir: Path) -> Path | None:
     return None
 
 
-def _give_back_heap() -> None:
-    """Return freed heap to the OS (glibc keeps freed multi-MB weight arrays in its arenas, so each
-    re-weighting would otherwise grow the process by what the previous one freed)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class OrtEngine:
     """One ONNX graph in an InferenceSession.
 
@@ -128,7 +116,7 @@ class OrtEngine:
         self.weights = dict(weights)
         self.session = None
         self._on_device.clear()
-        _give_back_heap()
+        release_memory()
         self.session = self._load()
 
     def _options(self, ort, level):
@@ -173,7 +161,7 @@ class OrtEngine:
         finally:
             self._held = {}  # copied into the session's graph; made again if a later session needs them
         if self.weights:
-            _give_back_heap()
+            release_memory()
         return session
 
     def _open_cached(self, ort):
