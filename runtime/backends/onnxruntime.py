@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -65,6 +67,12 @@ def _writable_cache_root(model_dir: Path) -> Path | None:
     return None
 
 
+def _relaid_value(value, layout: str, block: int) -> np.ndarray:
+    from .nchwc import reorder
+
+    return reorder(np.asarray(value() if callable(value) else value), layout, block)
+
+
 class OrtEngine:
     """One ONNX graph in an InferenceSession.
 
@@ -119,11 +127,16 @@ class OrtEngine:
         release_memory()
         self.session = self._load()
 
-    def _options(self, ort, level):
+    def _session(self, ort, path: Path, level, overrides: dict, save_to: Path | None = None, config: dict | None = None):
+        """An InferenceSession of ``path`` at optimization ``level``, its initializers overridden by ``overrides``
+        (name -> array or function making it: made here, held until the session has copied them); the optimized
+        graph saved to ``save_to``; ``config``: more session config entries."""
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        for key, value in (config or {}).items():
+            opts.add_session_config_entry(key, value)
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -132,12 +145,16 @@ class OrtEngine:
         # at 256x256 (sdrt bench): no slower, and peak RSS no longer exceeds diffusers'.
         opts.enable_cpu_mem_arena = False
         opts.graph_optimization_level = level
-        if self.weights:
-            if not self._held:
-                self._held = {n: np.ascontiguousarray(v() if callable(v) else v) for n, v in self.weights.items()}
+        if overrides:
+            self._held = {n: np.ascontiguousarray(v() if callable(v) else v) for n, v in overrides.items()}
             names = list(self._held)
             opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(self._held[n]) for n in names])
-        return opts
+        if save_to is not None:
+            opts.optimized_model_filepath = str(save_to)
+        try:
+            return ort.InferenceSession(str(path), opts, providers=self.providers)
+        finally:
+            self._held = {}  # copied into the session's graph; made again if a later session needs them
 
     def _load(self):
         import onnxruntime as ort
@@ -147,8 +164,7 @@ class OrtEngine:
         try:
             session = self._open_cached(ort) if self.cache else None
             if session is None:
-                session = ort.InferenceSession(str(self.path), self._options(ort, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
-                                               providers=self.providers)
+                session = self._session(ort, self.path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, self.weights)
                 self.source = "graph"
         except (state.InvalidProtobuf, state.InvalidGraph, state.InvalidArgument, state.Fail) as e:
             if self.weights:
@@ -158,8 +174,6 @@ class OrtEngine:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelDirError(f"{self.path} is damaged: ONNX Runtime cannot load it ({first}); "
                                 "re-export the model with `sdrt export --overwrite`") from e
-        finally:
-            self._held = {}  # copied into the session's graph; made again if a later session needs them
         if self.weights:
             release_memory()
         return session
@@ -169,10 +183,11 @@ class OrtEngine:
 
         The cache holds the graph after all of ONNX Runtime's optimizations (the NCHWc layout included:
         23% faster SD 1.5 UNet steps on AVX2), loaded with none, so a load skips them (1.1 s against 9 s for
-        an SD 1.5 UNet). Overridden weights (set_weights) apply to the cached graph when it still holds each
-        under its own name: MatMul and Gemm weights do (they are packed when the session is made, not in the
-        graph); convolution weights that the layout pass re-laid out under new names do not, and a LoRA that
-        touches those (SD 1.x's 1x1 projections, LoCon) opens the exported graph with every pass instead."""
+        an SD 1.5 UNet). Overridden weights (set_weights) apply to the cached graph: MatMul and Gemm weights
+        keep their names there (they are packed when the session is made, not in the graph); convolution
+        weights that the layout pass re-laid out under new names are found by value when the cache is
+        filled (nchwc.py, relaid.json) and handed over in that layout. A weight found in neither form opens
+        the exported graph with every pass instead."""
         root = _writable_cache_root(self.model_dir)
         if root is None:
             return None
@@ -186,25 +201,27 @@ class OrtEngine:
         entry = root / f"{self.name}-{self.provider}-{key}"
         cached = entry / "model.onnx"
         if cached.is_file():
+            overrides = self._cache_overrides(entry) if self.weights else {}
+            if overrides is None:
+                return None  # a weight the cached graph holds in no form sdrt knows: the exported graph
             try:
-                session = ort.InferenceSession(str(cached), self._options(ort, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
-                                               providers=self.providers)
+                session = self._session(ort, cached, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, overrides)
                 self.source = "cache"
                 return session
             except Exception:
                 if self.weights:
-                    return None  # a weight the cached graph holds under another name: the exported graph
+                    return None
                 shutil.rmtree(entry, ignore_errors=True)  # stale or damaged: rebuild below
         if self.weights:
             return None  # the cache is filled from the exported weights only
-        opts = self._options(ort, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
-        opts.optimized_model_filepath = str(tmp / "model.onnx")
+        config = {}
         if record.get("external_data"):
-            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx_data")
-            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            config["session.optimized_model_external_initializers_file_name"] = "model.onnx_data"
+            config["session.optimized_model_external_initializers_min_size_in_bytes"] = "1024"
         try:
-            session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
+            session = self._session(ort, self.path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, {}, tmp / "model.onnx", config)
+            self._relaid(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -214,6 +231,43 @@ class OrtEngine:
             shutil.rmtree(tmp, ignore_errors=True)  # another process filled the cache first
         self.source = "graph"
         return session
+
+    def _relaid(self, entry: Path) -> dict:
+        """The cache entry's map of re-laid-out convolution weights (nchwc.py), made and kept beside it the
+        first time it is needed (entries made before sdrt kept one included)."""
+        from .nchwc import RELAID_FILE, map_relaid
+
+        path = entry / RELAID_FILE
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        found = {"relaid": {}, "absent": []}
+        if self.record.get("weights") and (entry / "model.onnx").is_file():
+            weights = self.model_dir / self.record["weights"]
+            try:
+                found = map_relaid(entry / "model.onnx", weights.parent, weights)
+            except (OSError, ValueError, KeyError):
+                return found  # unreadable: each weight is looked up by its own name
+            tmp = entry / f".{RELAID_FILE}.{os.getpid()}"
+            tmp.write_text(json.dumps(found), encoding="utf-8")
+            os.replace(tmp, path)
+        return found
+
+    def _cache_overrides(self, entry: Path) -> dict | None:
+        """set_weights' weights under the names, and in the layout, the cached graph holds them; None when one of
+        them is in the cached graph in no form sdrt can give."""
+        relaid = self._relaid(entry)
+        out = {}
+        for name, value in self.weights.items():
+            if name in relaid["absent"]:
+                return None
+            r = relaid["relaid"].get(name)
+            if r is None:
+                out[name] = value
+            else:
+                out[r["name"]] = functools.partial(_relaid_value, value, r["layout"], r["block"])
+        return out
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         if self.provider == "cuda":
