@@ -1,4 +1,4 @@
-"""The ``sdrt`` command: export, build, generate, bench, info."""
+"""The ``sdrt`` command: export, build, generate, bench, serve, info."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def _cmd_export(args) -> int:
             overwrite=args.overwrite,
             opset=args.opset,
             generation_defaults=defaults,
+            vae=args.vae,
         )
     except (CheckpointError, ExportError) as e:
         raise UserError(str(e)) from e
@@ -50,6 +51,19 @@ def _cmd_export(args) -> int:
             f"{val['max_abs_error']:>14.2e}{val['max_rel_error']:>14.2e}" if "max_abs_error" in val else "   (not validated)"
         )
         print(f"{name:<16}{rec['precision']:>10}{rec['size_bytes'] / 2**20:>11.1f}{errs}")
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from sdrt.runtime.errors import ModelDirError
+    from sdrt.runtime.optimum import import_model
+
+    print(f"importing {args.source}")
+    try:
+        manifest = import_model(args.source, args.out, overwrite=args.overwrite)
+    except ModelDirError as e:
+        raise UserError(str(e)) from e
+    print(f"wrote {manifest['family']} model directory {args.out} ({len(manifest['components'])} components)")
     return 0
 
 
@@ -93,6 +107,9 @@ def _cmd_generate(args) -> int:
     from sdrt.runtime.images import output_paths, save_png
     from sdrt.runtime.pipeline import Pipeline
 
+    png = _from_png(args) if args.from_png else {}
+    if args.prompt is None:
+        raise UserError("give a PROMPT, or --from-png FILE to take it and the other settings from an image")
     model = args.model or _default_model()
     out_dir = Path(args.out).absolute().parent
     if not out_dir.is_dir():
@@ -105,8 +122,15 @@ def _cmd_generate(args) -> int:
         pipe = Pipeline.load(model, backend=args.backend, cuda_graph=args.cuda_graph)
         if loras:
             pipe.use_loras(loras)
+        if args.vae_tiling:
+            pipe.enable_vae_tiling()
     except (SdrtError, ValueError) as e:  # a model directory, backend, engine or LoRA that cannot load
         raise UserError(str(e)) from e
+    if png.get("scheduler") is not None and args.scheduler == png["scheduler"]:
+        from sdrt.runtime.schedulers import scheduler_name_for_config
+
+        if scheduler_name_for_config(pipe.scheduler_config) == args.scheduler:
+            args.scheduler = None  # the model's own scheduler, as when the image was drawn
     from tqdm import tqdm
 
     bars = []
@@ -130,14 +154,15 @@ def _cmd_generate(args) -> int:
                 guidance_scale=args.guidance,
                 height=args.height,
                 width=args.width,
-                num_images_per_prompt=args.num_images,
+                num_images_per_prompt=args.num_images or 1,
                 seed=seed,
                 scheduler=args.scheduler,
+                scheduler_config=png.get("scheduler_config"),
                 image=args.init_image,
                 mask_image=args.mask,
                 strength=args.strength,
                 callback=progress,
-                prompt_syntax=None if args.prompt_syntax == "none" else args.prompt_syntax,
+                prompt_syntax=None if args.prompt_syntax in (None, "none") else args.prompt_syntax,
             )
         except GenerationError as e:
             raise UserError(_as_flags(str(e))) from e
@@ -149,11 +174,52 @@ def _cmd_generate(args) -> int:
     params = dict(result.parameters)
     params.update({k: v for k, v in (("init_image", args.init_image), ("mask", args.mask),
                                      ("loras", [[p, w] for p, w in loras])) if v})
+    from sdrt import __version__
+
+    # what --from-png needs to find the model again, and the batch the image was one of
+    params.update(model_path=str(Path(model).absolute()), num_images=args.num_images or 1, version=f"sdrt {__version__}")
     for i, (image, path) in enumerate(zip(result.images, output_paths(args.out, len(result.images)))):
         save_png(image, path, {**params, "image_index": i})
         print(f"wrote {path}")
     print(f"{pipe.backend}: {result.timings.summary()}")
     return 0
+
+
+# `sdrt generate` flags -> the keys of the record a PNG carries (images.read_parameters) that --from-png reads
+_PNG_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_inference_steps",
+              "guidance": "guidance_scale", "seed": "seed", "height": "height", "width": "width",
+              "scheduler": "scheduler", "strength": "strength", "prompt_syntax": "prompt_syntax",
+              "init_image": "init_image", "mask": "mask", "num_images": "num_images"}
+
+
+def _from_png(args) -> dict:
+    """Fill the flags not given on the command line from the generation parameters of ``--from-png``: sdrt's
+    own record when the PNG has one, else AUTOMATIC1111's infotext. Returns what has no flag (the scheduler
+    config overrides) and the scheduler the image was drawn with."""
+    from sdrt.runtime.errors import GenerationError
+    from sdrt.runtime.images import read_parameters
+
+    if not Path(args.from_png).is_file():
+        raise UserError(f"--from-png {args.from_png} does not exist")
+    try:
+        rec = read_parameters(args.from_png)
+    except GenerationError as e:
+        raise UserError(str(e)) from e
+    for flag, key in _PNG_FLAGS.items():
+        value = rec.get(key)
+        if getattr(args, flag) is None and value is not None:
+            setattr(args, flag, value[0] if flag in ("prompt", "negative_prompt") and isinstance(value, list) else value)
+    if args.lora is None and rec.get("loras"):
+        args.lora = [f"{p}:{w}" for p, w in rec["loras"]]
+    args.vae_tiling = args.vae_tiling or bool(rec.get("vae_tiling"))  # tiles change the pixels along the seams
+    if args.model is None:
+        path, name = rec.get("model_path"), rec.get("model")
+        if path and Path(path).is_dir():
+            args.model = path
+        elif name and name != Path(_default_model()).name:
+            raise UserError(f"{args.from_png} was drawn with the model {name!r}, which is not here; pass --model DIR")
+    return {"scheduler": args.scheduler if rec.get("scheduler") == args.scheduler else None,
+            "scheduler_config": rec.get("scheduler_config")}
 
 
 # Pipeline argument names -> the `sdrt generate` flags that set them, for error messages.
@@ -226,6 +292,15 @@ def _cmd_bench(args) -> int:
     return exit_code(report)
 
 
+def _cmd_serve(args) -> int:
+    from sdrt.serve.server import ServeError, run
+
+    try:
+        return run(args)
+    except ServeError as e:
+        raise UserError(str(e)) from e
+
+
 def _default_model() -> str:
     from sdrt.runtime.default_model import default_model_dir
 
@@ -256,10 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record the guidance scale this model is meant to run with (used when a call gives none)")
     p.add_argument("--default-steps", type=int, metavar="N",
                    help="record the denoising steps this model is meant to run with (used when a call gives none)")
+    p.add_argument("--vae", metavar="DIR",
+                   help="export this diffusers VAE folder (AutoencoderKL, or AutoencoderTiny: TAESD) instead of the "
+                        "checkpoint's own, as diffusers' vae= argument")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("generate", help="generate images from a prompt with a model directory")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", help="what to draw (with --from-png: the PNG's own unless given)")
+    p.add_argument("--from-png", metavar="FILE",
+                   help="take the prompt and settings from a PNG's generation parameters (sdrt's, or AUTOMATIC1111's "
+                        "infotext); flags given here win")
     p.add_argument("--model", help="sdrt model directory (default: the built-in default model)")
     p.add_argument("--out", default="out.png", help="PNG path; several images get -0, -1, ... suffixes (default out.png)")
     p.add_argument("--negative-prompt", help="what the image should not show")
@@ -270,8 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one)")
     p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's native size)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--prompt-syntax", choices=("none", "compel", "a1111"), default="none",
+    p.add_argument("--num-images", type=int, help="images per prompt (default 1)")
+    p.add_argument("--prompt-syntax", choices=("none", "compel", "a1111"),
                    help="read weighting syntax and prompts past 77 tokens as compel or AUTOMATIC1111 do "
                         "(default none: diffusers' 77 tokens, no weighting)")
     p.add_argument("--init-image", help="image to image: the starting image; with --mask, the image to inpaint")
@@ -283,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT: capture the UNet call once as a CUDA graph and replay it every step")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="apply a LoRA (safetensors file or diffusers folder) at SCALE (default 1); repeatable")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode (and encode) in overlapping tiles, as diffusers' vae.enable_tiling(): less memory for large images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 
@@ -313,6 +396,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark sdrt against diffusers: latency, memory, image check, side by side")
     add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)
+
+    from sdrt.serve.server import add_arguments as add_serve_arguments
+
+    p = sub.add_parser("serve", help="serve the OpenAI Images API and AUTOMATIC1111's API over HTTP (needs [serve])")
+    add_serve_arguments(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("import", help="write an sdrt model directory from one in optimum's ONNX layout")
+    p.add_argument("source", help="a directory written by `optimum-cli export onnx --task text-to-image`")
+    p.add_argument("--out", required=True, help="model directory to write (replaced atomically with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("info", help="describe a model directory: components, shapes, precisions, engines")
     p.add_argument("model_dir")
