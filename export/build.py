@@ -13,6 +13,7 @@ builder object (``facts``, ``has_fp16_flag``, ``build(...)``) so everything else
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -65,6 +66,36 @@ def plan_precision(component: str, onnx_precision: str, *, fp16_vae: bool, has_f
 # -- the TensorRT side --------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _inputs_required(onnx_path: Path):
+    """The graph at ``onnx_path``, or a copy beside it (so its external data still resolves) without the
+    initializers that give some inputs a default (a text encoder's attention mask: export/components.py).
+    TensorRT folds such an input in as a constant, and the engine would lack an input the runtime feeds."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception:
+        yield onnx_path  # unreadable: TensorRT's parser says why
+        return
+    names = {i.name for i in model.graph.input}
+    keep = [t for t in model.graph.initializer if t.name not in names]
+    if len(keep) == len(model.graph.initializer):
+        yield onnx_path
+        return
+    copies = [onnx.TensorProto() for _ in keep]
+    for copy, t in zip(copies, keep):
+        copy.CopyFrom(t)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(copies)
+    tmp = onnx_path.with_name(f".{onnx_path.stem}.trt-{os.getpid()}.onnx")
+    try:
+        onnx.save_model(model, str(tmp))
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class TensorRTBuilder:
     """Builds serialized engines with the TensorRT Python API (10.x and 11.x)."""
 
@@ -88,7 +119,9 @@ class TensorRTBuilder:
             flags |= 1 << int(strongly)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):  # external data is read from beside the file
+        with _inputs_required(onnx_path) as path:
+            parsed = parser.parse_from_file(str(path))  # external data is read from beside the file
+        if not parsed:
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise BuildError(f"TensorRT cannot parse {onnx_path}: {errors or 'unknown error'}")
         config = builder.create_builder_config()

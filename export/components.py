@@ -8,7 +8,7 @@ there, never from this file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -39,19 +39,40 @@ class Component:
     sample: Callable[[int, int, int], tuple]
     # shapes (batch, latent_h, latent_w) the export is validated at
     validation_shapes: list[tuple[int, int, int]]
+    # every output of the graph, in the module's order, when the graph has more than ``outputs`` (those the
+    # runtime binds, in binding order: what the manifest records): optimum's pipelines read the rest
+    graph_outputs: list[TensorSpec] | None = None
+    # inputs a caller may leave out: name -> the value the graph uses then (an initializer of that name)
+    defaults: dict = field(default_factory=dict)
+
+    @property
+    def all_outputs(self) -> list[TensorSpec]:
+        return self.graph_outputs if self.graph_outputs is not None else self.outputs
 
     @property
     def dynamic_axes(self) -> dict:
         return {
-            t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in self.inputs + self.outputs
+            t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in self.inputs + self.all_outputs
         }
 
 
-def text_encoder_component(name: str, module: torch.nn.Module, outputs: list[TensorSpec], ids, length: int) -> Component:
+def text_encoder_component(name: str, module: torch.nn.Module, outputs: list[TensorSpec], ids, length: int,
+                           graph_outputs: list[TensorSpec] | None = None) -> Component:
     """A text encoder's descriptor: token ids and their attention mask, (batch, length) int32, in;
-    ``outputs`` out; ``ids(b, h, w)`` its sample inputs; validated at batch 1 and 2."""
+    ``outputs`` out (``graph_outputs``: all the graph's, when it has more); ``ids(b, h, w)`` its sample
+    inputs; validated at batch 1 and 2. The mask may be left out (all ones, the unmasked encoder), as
+    optimum's and diffusers' ONNX pipelines call a text encoder with the token ids alone."""
+    import numpy as np
+
     inputs = [TensorSpec("input_ids", "int32", [BATCH, length]), TensorSpec("attention_mask", "int32", [BATCH, length])]
-    return Component(name, module, inputs, outputs, ids, [(1, 0, 0), (2, 0, 0)])
+    return Component(name, module, inputs, outputs, ids, [(1, 0, 0), (2, 0, 0)], graph_outputs,
+                     defaults={"attention_mask": np.ones((1, length), np.int32)})
+
+
+def hidden_state_outputs(layers: int, length: int, width: int) -> list[TensorSpec]:
+    """``hidden_states.0`` (the embeddings) .. ``hidden_states.N`` (the last layer's, before the final layer
+    norm): the outputs optimum's text encoders add (``output_hidden_states``), which its SDXL pipeline reads."""
+    return [TensorSpec(f"hidden_states.{i}", "float32", [BATCH, length, width]) for i in range(layers + 1)]
 
 
 class TextEncoderOutputs(torch.nn.Module):
@@ -59,7 +80,8 @@ class TextEncoderOutputs(torch.nn.Module):
 
     sd1/sd2 use the last hidden state (after the final layer norm); SDXL uses the penultimate
     layer's hidden states of both encoders and, from the second, the projected pooled embedding
-    (diffusers' StableDiffusionXLPipeline.encode_prompt with clip_skip=None). The attention mask (1 attend,
+    (diffusers' StableDiffusionXLPipeline.encode_prompt with clip_skip=None), and its graphs give every
+    layer's hidden states as optimum's do, so that optimum's SDXL pipeline runs them too. The attention mask (1 attend,
     0 masked out) is what compel's down-weighting needs; all ones is the unmasked encoder exactly.
     """
 
@@ -68,13 +90,15 @@ class TextEncoderOutputs(torch.nn.Module):
         self.encoder, self.mode = encoder, mode
 
     def forward(self, input_ids, attention_mask):
-        ids, mask = input_ids.to(torch.int64), attention_mask.to(torch.int64)
+        # the mask broadcast to the ids' batch: the graph's default mask, (1, L), serves any batch
+        ids, mask = input_ids.to(torch.int64), attention_mask.to(torch.int64).expand(input_ids.shape)
         if self.mode == "last":
             return self.encoder(ids, attention_mask=mask, return_dict=True).last_hidden_state
         out = self.encoder(ids, attention_mask=mask, output_hidden_states=True, return_dict=True)
-        if self.mode == "penultimate":
-            return out.hidden_states[-2]
-        return out.hidden_states[-2], out.text_embeds  # "penultimate+pooled"
+        # optimum's outputs, in its order (sdrt binds hidden_states.{N-1}, the penultimate layer's, and text_embeds)
+        if self.mode == "hidden_states":
+            return (out.last_hidden_state, out.pooler_output, *out.hidden_states)
+        return (out.text_embeds, out.last_hidden_state, *out.hidden_states)  # "pooled+hidden_states"
 
 
 class UNetNoisePrediction(torch.nn.Module):
@@ -112,3 +136,15 @@ class VAEEncoder(torch.nn.Module):
     def forward(self, sample):
         h = self.vae.encoder(sample)
         return self.vae.quant_conv(h) if self.vae.quant_conv is not None else h
+
+
+class TinyVAEEncoder(torch.nn.Module):
+    """AutoencoderTiny (TAESD): image in [-1, 1] -> the latents themselves (``encode(x).latents``; no
+    distribution to sample)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encoder(sample)

@@ -21,7 +21,8 @@ from sdrt.runtime.files import default_mode, release_memory, sha256_file, write_
 from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, check_generation_defaults
 
 from . import families, onnx_graph, weights
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .tokenizer_files import CLASSIC_FILES, write_classic_files
+from .checkpoint import Checkpoint, CheckpointError, inspect_vae, load_checkpoint
 from .validate import FP16_MAX_REL, FP32_MAX_REL, ValidationError, validate
 
 
@@ -43,8 +44,11 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise ExportError(f"the output folder {parent} is not writable; choose another --out")
 
 
-def _write_tokenizer(tok, dest: Path) -> dict:
-    """tokenizer.json for the `tokenizers` library, encoding exactly as the checkpoint's tokenizer."""
+def _write_tokenizer(tok, dest: Path, source: Path | None = None) -> dict:
+    """tokenizer.json for the `tokenizers` library, encoding exactly as the checkpoint's tokenizer, and the
+    files a Hub checkpoint has beside it (vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json: what transformers 4's CLIPTokenizer, and so optimum, reads): the checkpoint's
+    own when its folder ``source`` has vocab.json and merges.txt, else written from tokenizer.json."""
     if not getattr(tok, "is_fast", False):
         from transformers import CLIPTokenizerFast
 
@@ -54,6 +58,13 @@ def _write_tokenizer(tok, dest: Path) -> dict:
     backend.no_padding()
     backend.no_truncation()
     backend.save(str(dest / "tokenizer.json"))
+    write_classic_files(dest / "tokenizer.json", dest, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                        unk_token=tok.unk_token or tok.eos_token, pad_token=tok.pad_token,
+                        model_max_length=min(tok.model_max_length, 77))
+    if source is not None and all((source / f).is_file() for f in ("vocab.json", "merges.txt")):
+        for name in CLASSIC_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, dest / name)  # verbatim
     return {
         "file": f"{dest.name}/tokenizer.json",
         "max_length": int(min(tok.model_max_length, 77)),
@@ -61,6 +72,21 @@ def _write_tokenizer(tok, dest: Path) -> dict:
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": tok.pad_token_id,
     }
+
+
+CONFIG_NAME = "config.json"
+
+
+def component_config(ckpt: Checkpoint, name: str) -> dict:
+    """A component's config.json, as optimum writes it beside each graph: the source module's config (the
+    AutoencoderKL's for both VAE halves), without the path it was loaded from."""
+    module = {"text_encoder": ckpt.text_encoder, "text_encoder_2": ckpt.text_encoder_2, "unet": ckpt.unet}.get(name, ckpt.vae)
+    if hasattr(module, "to_json_string"):  # diffusers' ConfigMixin
+        config = json.loads(module.to_json_string())
+    else:  # transformers: every key, num_hidden_layers included (optimum's SDXL text encoders read it)
+        config = module.config.to_dict()
+    config.pop("_name_or_path", None)
+    return config
 
 
 def export_model(
@@ -73,21 +99,26 @@ def export_model(
     overwrite: bool = False,
     opset: int = onnx_graph.OPSET,
     generation_defaults: dict | None = None,
+    vae: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Export ``checkpoint`` to the model directory ``out``; returns the manifest written.
     ``generation_defaults`` ({"guidance_scale": ..., "num_inference_steps": ...}) are recorded in the
-    manifest: the runtime uses them when a call does not give those settings."""
+    manifest: the runtime uses them when a call does not give those settings. ``vae``: a diffusers
+    AutoencoderKL or AutoencoderTiny folder exported instead of the checkpoint's own VAE (diffusers' vae=)."""
     out = Path(out).absolute()
     try:
         generation_defaults = check_generation_defaults(generation_defaults or {})
     except ValueError as e:
         raise ExportError(str(e)) from e
+    if vae is not None:
+        inspect_vae(vae)  # a folder that is not a VAE is refused before anything is written
     _check_target(out, overwrite)
     t0 = time.perf_counter()
     log(f"loading {checkpoint}")
-    ckpt = load_checkpoint(checkpoint, config)
-    log(f"  family {ckpt.family}, task {ckpt.task}, loaded in {time.perf_counter() - t0:.1f}s")
+    ckpt = load_checkpoint(checkpoint, config, vae=vae)
+    log(f"  family {ckpt.family}, task {ckpt.task}, loaded in {time.perf_counter() - t0:.1f}s"
+        + (f"; VAE: {type(ckpt.vae).__name__} from {ckpt.vae_source}" if ckpt.vae_source else ""))
 
     _remove_stale_work_dirs(out)
     try:
@@ -142,9 +173,9 @@ def _replace_dir(new: Path, target: Path) -> None:
 def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, opset: int, generation_defaults: dict,
                  log) -> dict:
     src = ckpt.source if ckpt.source.is_dir() else None
-    tokenizers = [_write_tokenizer(ckpt.tokenizer, work / "tokenizer")]
-    if ckpt.tokenizer_2 is not None:
-        tokenizers.append(_write_tokenizer(ckpt.tokenizer_2, work / "tokenizer_2"))
+    # one per text encoder, in their order (an SDXL refiner has the second alone)
+    tokenizers = [_write_tokenizer(tok, work / name, src and src / name)
+                  for name, tok in (("tokenizer", ckpt.tokenizer), ("tokenizer_2", ckpt.tokenizer_2)) if tok is not None]
     (work / "scheduler").mkdir()
     sched_src = src / "scheduler" / "scheduler_config.json" if src else None
     if sched_src and sched_src.is_file():
@@ -182,8 +213,10 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
                 f"(limit {limit:.0e} for {'fp16' if half else 'fp32'}); the export is not faithful"
             )
         size = sum(f.stat().st_size for f in dest.iterdir())
+        write_json_atomic(dest / CONFIG_NAME, component_config(ckpt, comp.name))
         records[comp.name] = {
             "file": f"{comp.name}/model.onnx",
+            "config": f"{comp.name}/{CONFIG_NAME}",
             "external_data": f"{comp.name}/{onnx_graph.EXTERNAL_DATA_NAME}" if external else None,
             "inputs": [s.as_dict() for s in comp.inputs],
             "outputs": [s.as_dict() for s in comp.outputs],

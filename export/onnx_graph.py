@@ -43,7 +43,7 @@ def trace(comp: Component, path: Path, opset: int = OPSET) -> None:
             str(path),
             dynamo=False,
             input_names=names_in,
-            output_names=[t.name for t in comp.outputs],
+            output_names=[t.name for t in comp.all_outputs],
             dynamic_axes=comp.dynamic_axes,
             opset_version=opset,
             do_constant_folding=True,
@@ -64,6 +64,7 @@ def export_graph(comp: Component, dest: Path, opset: int = OPSET, fp16: bool = F
         trace(comp, raw, opset)
         model = _optimized(raw)
         onnx.load_external_data_for_model(model, scratch)  # no-op when the tracer embedded them
+    add_input_defaults(model, comp.defaults)
     mapped = weights.map_weights(comp.module, model) if lora else None  # on the fp32 values
     if fp16:
         model = to_fp16(model)
@@ -71,6 +72,17 @@ def export_graph(comp: Component, dest: Path, opset: int = OPSET, fp16: bool = F
     if mapped is not None:
         weights.write_weight_map(*mapped, dest)
     return external
+
+
+def add_input_defaults(model: onnx.ModelProto, defaults: dict) -> None:
+    """Give graph inputs a value to take when the caller leaves them out: an initializer of the input's
+    name (ONNX IR >= 4; ONNX Runtime lists such inputs under get_overridable_initializers, not get_inputs)."""
+    from onnx import numpy_helper
+
+    names = {i.name for i in model.graph.input}
+    for name, value in defaults.items():
+        if name in names:
+            model.graph.initializer.append(numpy_helper.from_array(value, name))
 
 
 @contextlib.contextmanager

@@ -36,8 +36,8 @@ def validate(comp: Component, onnx_path: Path, seed: int = 0) -> dict:
             ref = comp.module(*inputs)
         ref = ref if isinstance(ref, tuple) else (ref,)
         feed = {spec.name: t.numpy().astype(spec.dtype) for spec, t in zip(comp.inputs, inputs)}
-        got = sess.run([o.name for o in comp.outputs], feed)
-        for spec, r, g in zip(comp.outputs, ref, got):
+        got = sess.run([o.name for o in comp.all_outputs], feed)
+        for spec, r, g in zip(comp.all_outputs, ref, got):
             r = r.float().numpy()
             if g.shape != r.shape:
                 raise ValidationError(f"{comp.name}: output {spec.name} has shape {g.shape} in ONNX Runtime, {r.shape} in PyTorch")

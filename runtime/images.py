@@ -11,7 +11,8 @@ import numpy as np
 from .errors import GenerationError
 from .files import write_atomic
 
-PARAMETERS_KEY = "parameters"
+PARAMETERS_KEY = "parameters"  # AUTOMATIC1111's infotext
+SDRT_KEY = "sdrt"  # sdrt's full record, JSON
 MASK_MODES = ("1", "L", "RGB")  # grayscale or RGB; anything else (RGBA, palette, CMYK) is refused
 
 
@@ -131,18 +132,45 @@ def output_paths(out: str | Path, n: int) -> list[Path]:
 
 
 def save_png(image, path: str | Path, parameters: dict) -> Path:
-    """Save a PIL image as PNG with ``parameters`` (JSON) in a tEXt chunk; a failure leaves no partial file."""
+    """Save a PIL image as PNG with the generation parameters in two text chunks: ``parameters`` in
+    AUTOMATIC1111's infotext format (what community tools read) and ``sdrt``, sdrt's full record as JSON.
+    A failure leaves no partial file."""
     from PIL.PngImagePlugin import PngInfo
+
+    from .infotext import create_infotext
 
     path = Path(path)
     info = PngInfo()
-    info.add_text(PARAMETERS_KEY, json.dumps(parameters, default=str))
+    info.add_text(PARAMETERS_KEY, create_infotext(parameters))  # tEXt, iTXt past Latin-1: as AUTOMATIC1111
+    info.add_text(SDRT_KEY, json.dumps(parameters, default=str, ensure_ascii=True))
     write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))
     return path
 
 
 def read_parameters(path: str | Path) -> dict:
-    from PIL import Image
+    """The generation parameters of a PNG: sdrt's record (the ``sdrt`` chunk; before sdrt had one, JSON in
+    ``parameters``), else those of AUTOMATIC1111's ``parameters`` infotext in sdrt's keys
+    (infotext.call_arguments). GenerationError when the PNG has neither."""
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as im:
-        return json.loads(im.text[PARAMETERS_KEY])
+    from .infotext import call_arguments, parse_infotext
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            text = dict(getattr(im, "text", {}) or {})
+    except (OSError, UnidentifiedImageError) as e:
+        raise GenerationError(f"cannot read the PNG {path}: {e}") from e
+    for key in (SDRT_KEY, PARAMETERS_KEY):
+        try:
+            record = json.loads(text.get(key, ""))
+            if isinstance(record, dict):
+                return record
+        except ValueError:
+            pass
+    if not text.get(PARAMETERS_KEY):
+        raise GenerationError(f"{path} has no generation parameters (no {SDRT_KEY!r} or {PARAMETERS_KEY!r} text chunk)")
+    try:
+        return call_arguments(parse_infotext(text[PARAMETERS_KEY]))
+    except ValueError as e:
+        raise GenerationError(f"{path}: {e}") from e

@@ -87,12 +87,13 @@ def load_manifest(model_dir: str | os.PathLike) -> dict:
 _N = type(None)
 _TOP = {"family": str, "latent_channels": int, "vae_scale_factor": int, "vae_scaling_factor": (int, float),
         "native_resolution": int, "tokenizers": list, "components": dict, "sdrt_version?": str, "task?": str,
-        "prediction_type?": str, "unet_in_channels?": int, "vae_shift_factor?": (int, float, _N),
+        "prediction_type?": str, "unet_in_channels?": int, "vae_shift_factor?": (int, float, _N), "vae?": dict,
         "scheduler_class?": (str, _N), "engines?": (dict, _N), "force_zeros_for_empty_prompt?": bool}
 _TOKENIZER = {"file": str, "max_length": int, "pad_token_id?": int, "eos_token_id?": int, "bos_token_id?": (int, _N)}
-_COMPONENT = {"file": str, "inputs": list, "outputs": list, "external_data?": (str, _N), "weights?": str,
+_COMPONENT = {"file": str, "inputs": list, "outputs": list, "external_data?": (str, _N), "weights?": str, "config?": str,
               "precision?": str, "size_bytes?": int, "sha256?": (str, _N), "external_data_sha256?": (str, _N)}
 _TENSOR = {"name": str, "dtype": str, "shape": list}
+_VAE = {"class": str, "tiling?": dict}  # which VAE (runtime/vae.py) and its tile sizes
 _ENGINE_SET = {"components": dict}
 _ENGINE = {"file": str, "sha256?": str, "size_bytes?": int, "profile?": dict}
 _NON_EMPTY = ("tokenizers", "inputs", "outputs")
@@ -141,6 +142,8 @@ def check_manifest(manifest: dict, where) -> None:
     if family is None:
         raise ModelDirError(f"{where}: family {manifest['family']!r} is not one this sdrt runs ({', '.join(FAMILIES)}); "
                             "upgrade sdrt, or re-export the model")
+    if "vae" in manifest:
+        _check(where, manifest["vae"], _VAE, "vae")
     if manifest.get("task", TEXT_TO_IMAGE) not in (TEXT_TO_IMAGE, INPAINTING):
         raise _bad(where, "task", f"{manifest['task']!r} is not {TEXT_TO_IMAGE} or {INPAINTING}")
     files = []
@@ -162,7 +165,7 @@ def check_manifest(manifest: dict, where) -> None:
                 _check(where, t, _TENSOR, f"{at}.{io}[{i}]")
                 if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in t["shape"]):
                     raise _bad(where, f"{at}.{io}[{i}].shape", f"must list integers and dimension names, got {t['shape']!r:.60}")
-        files += [(f"{at}.{k}", rec[k]) for k in ("file", "external_data", "weights") if rec.get(k) is not None]
+        files += [(f"{at}.{k}", rec[k]) for k in ("file", "external_data", "weights", "config") if rec.get(k) is not None]
     for key, entry in (manifest.get("engines") or {}).items():
         _check(where, entry, _ENGINE_SET, f"engines.{key}")
         for name, rec in entry["components"].items():

@@ -96,8 +96,9 @@ def test_manifest_records_the_model_facts(model_dir, checkpoint, family):
 
 def test_sdxl_exposes_penultimate_hidden_states_and_pooled_embedding(model_dir):
     m = _manifest(model_dir("sdxl"))
-    assert [o["name"] for o in m["components"]["text_encoder"]["outputs"]] == ["hidden_states"]
-    assert [o["name"] for o in m["components"]["text_encoder_2"]["outputs"]] == ["hidden_states", "text_embeds"]
+    # the penultimate layer's states (3 layers: hidden_states.0 is the embeddings'), named as optimum names them
+    assert [o["name"] for o in m["components"]["text_encoder"]["outputs"]] == ["hidden_states.2"]
+    assert [o["name"] for o in m["components"]["text_encoder_2"]["outputs"]] == ["hidden_states.2", "text_embeds"]
     assert [i["name"] for i in m["components"]["unet"]["inputs"]][-2:] == ["text_embeds", "time_ids"]
 
 
