@@ -101,7 +101,7 @@ class StableDiffusion:
         """Descriptors of every component to export, in export order."""
         import torch
 
-        encoders = [ckpt.text_encoder] + ([ckpt.text_encoder_2] if ckpt.text_encoder_2 is not None else [])
+        encoders = [te for te in (ckpt.text_encoder, ckpt.text_encoder_2) if te is not None]
         # token ids valid for every text encoder (a trimmed vocabulary, like the default model's, is smaller)
         vocab = min(te.config.vocab_size for te in encoders)
 
@@ -182,6 +182,7 @@ class StableDiffusion:
             "vae_scaling": "runtime",
             "native_resolution": int(unet.sample_size) * vae_scale,
             "scheduler_class": ckpt.scheduler_config.get("_class_name"),
+            "vae": vae_facts(ckpt.vae, ckpt.vae_source),
         }
 
 
@@ -204,16 +205,7 @@ class StableDiffusionXL(StableDiffusion):
         super().__init__("sdxl", "Stable Diffusion XL base", openclip=False)
 
     def claims(self, model_index: dict, text_encoder_config: dict) -> bool:
-        return True
-
-    def check_index(self, model_index: dict, root: Path) -> None:
-        if model_index.get("text_encoder") in (None, [None, None]):
-            raise CheckpointError(f"{root} is an SDXL refiner-style checkpoint without text_encoder; sdrt supports {supported()}")
-        if model_index.get("requires_aesthetics_score"):
-            raise CheckpointError(
-                f"{root} is an SDXL refiner-style checkpoint (requires_aesthetics_score: its UNet takes an "
-                f"aesthetic score in its time ids); sdrt supports {supported()}"
-            )
+        return not is_refiner(model_index)
 
     def modules(self, pipe) -> dict:
         return dict(
@@ -224,18 +216,32 @@ class StableDiffusionXL(StableDiffusion):
         )
 
     def text_encoder_components(self, ckpt: Checkpoint, L: int, ids) -> list:
-        from .components import BATCH, TensorSpec, TextEncoderOutputs, text_encoder_component
+        return [self._text_encoder(ckpt, L, ids), self._text_encoder_2(ckpt, L, ids)]
 
-        d1 = ckpt.text_encoder.config.hidden_size
-        te2 = ckpt.text_encoder_2
-        d2, proj = te2.config.hidden_size, te2.config.projection_dim
-        return [
-            text_encoder_component("text_encoder", TextEncoderOutputs(ckpt.text_encoder, "penultimate"),
-                                   [TensorSpec("hidden_states", "float32", [BATCH, L, d1])], ids, L),
-            text_encoder_component("text_encoder_2", TextEncoderOutputs(te2, "penultimate+pooled"),
-                                   [TensorSpec("hidden_states", "float32", [BATCH, L, d2]),
-                                    TensorSpec("text_embeds", "float32", [BATCH, proj])], ids, L),
-        ]
+    @staticmethod
+    def _text_encoder(ckpt: Checkpoint, L: int, ids):
+        from .components import BATCH, TensorSpec, TextEncoderOutputs, hidden_state_outputs, text_encoder_component
+
+        te = ckpt.text_encoder
+        d, n = te.config.hidden_size, te.config.num_hidden_layers
+        # every layer's hidden states, named as optimum names them; the UNet gets the penultimate layer's
+        states = hidden_state_outputs(n, L, d)
+        return text_encoder_component("text_encoder", TextEncoderOutputs(te, "hidden_states"), [states[n - 1]], ids, L,
+                                      graph_outputs=[TensorSpec("last_hidden_state", "float32", [BATCH, L, d]),
+                                                     TensorSpec("pooler_output", "float32", [BATCH, d]), *states])
+
+    @staticmethod
+    def _text_encoder_2(ckpt: Checkpoint, L: int, ids):
+        from .components import BATCH, TensorSpec, TextEncoderOutputs, hidden_state_outputs, text_encoder_component
+
+        te = ckpt.text_encoder_2
+        d, n, proj = te.config.hidden_size, te.config.num_hidden_layers, te.config.projection_dim
+        states = hidden_state_outputs(n, L, d)
+        pooled = TensorSpec("text_embeds", "float32", [BATCH, proj])
+        return text_encoder_component("text_encoder_2", TextEncoderOutputs(te, "pooled+hidden_states"),
+                                      [states[n - 1], pooled], ids, L,
+                                      graph_outputs=[pooled, TensorSpec("last_hidden_state", "float32", [BATCH, L, d]),
+                                                     *states])
 
     def _pooled_dim(self, unet) -> int:
         return unet.config.projection_class_embeddings_input_dim - self.TIME_IDS * unet.config.addition_time_embed_dim
@@ -251,8 +257,11 @@ class StableDiffusionXL(StableDiffusion):
     def unet_added_sample(self, unet, b: int, h: int, w: int) -> tuple:
         import torch
 
-        # (original size, crop top-left, target size) in pixels, as _get_add_time_ids builds them
-        return torch.randn(b, self._pooled_dim(unet)), torch.tensor([[h * 8.0, w * 8.0, 0.0, 0.0, h * 8.0, w * 8.0]] * b)
+        return torch.randn(b, self._pooled_dim(unet)), torch.tensor([self.time_ids(h * 8.0, w * 8.0)] * b)
+
+    def time_ids(self, height: float, width: float) -> list[float]:
+        """(original size, crop top-left, target size) in pixels, as _get_add_time_ids builds them."""
+        return [height, width, 0.0, 0.0, height, width]
 
     def manifest_facts(self, ckpt: Checkpoint) -> dict:
         return dict(
@@ -262,16 +271,70 @@ class StableDiffusionXL(StableDiffusion):
         )
 
 
+def is_refiner(model_index: dict) -> bool:
+    """An SDXL refiner's model_index: no first text encoder, and an aesthetic score in the UNet's time ids."""
+    return bool(model_index.get("requires_aesthetics_score")) or model_index.get("text_encoder") in (None, [None, None])
+
+
+class StableDiffusionXLRefiner(StableDiffusionXL):
+    """The SDXL refiner (stabilityai/stable-diffusion-xl-refiner-1.0): an image-to-image model with the
+    second text encoder alone (its penultimate hidden states and projected pooled embedding) and five time
+    ids, the aesthetic score in place of the target size (diffusers' StableDiffusionXLImg2ImgPipeline with
+    requires_aesthetics_score)."""
+
+    pipelines = {TEXT_TO_IMAGE: ("StableDiffusionXLImg2ImgPipeline",)}
+    loaders = {TEXT_TO_IMAGE: "StableDiffusionXLImg2ImgPipeline"}
+    checkpoint_folders = ("text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler")
+    TIME_IDS = 5
+
+    def __init__(self):
+        StableDiffusion.__init__(self, "sdxl-refiner", "Stable Diffusion XL refiner", openclip=False)
+
+    def claims(self, model_index: dict, text_encoder_config: dict) -> bool:
+        return is_refiner(model_index)
+
+    def check_index(self, model_index: dict, root: Path) -> None:
+        if not model_index.get("requires_aesthetics_score") or model_index.get("text_encoder") not in (None, [None, None]):
+            raise CheckpointError(f"{root} has no text_encoder but no requires_aesthetics_score (or the reverse): not an "
+                                  f"SDXL base nor a refiner as diffusers writes them; sdrt supports {supported()}")
+
+    def modules(self, pipe) -> dict:
+        return dict(
+            text_encoder=None,
+            tokenizer=None,
+            unet=pipe.unet.float().eval(),
+            vae=pipe.vae.float().eval(),
+            text_encoder_2=pipe.text_encoder_2.float().eval(),
+            tokenizer_2=pipe.tokenizer_2,
+            extras={"force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", False))},
+        )
+
+    def text_encoder_components(self, ckpt: Checkpoint, L: int, ids) -> list:
+        return [self._text_encoder_2(ckpt, L, ids)]
+
+    def time_ids(self, height: float, width: float) -> list[float]:
+        """(original size, crop top-left, aesthetic score)."""
+        return [height, width, 0.0, 0.0, 6.0]
+
+    def manifest_facts(self, ckpt: Checkpoint) -> dict:
+        return dict(super().manifest_facts(ckpt), requires_aesthetics_score=True)
+
+
 def vae_components(ckpt: Checkpoint) -> list:
-    """The VAE decoder and encoder, the same for every family."""
+    """The VAE decoder and encoder, the same for every family. An AutoencoderKL's encoder gives its
+    distribution's parameters (the runtime samples them), an AutoencoderTiny's the latents themselves."""
     import torch
 
-    from .components import BATCH, IMG_H, IMG_W, LAT_H, LAT_W, Component, TensorSpec, VAEDecoder, VAEEncoder
+    from .components import (BATCH, IMG_H, IMG_W, LAT_H, LAT_W, Component, TensorSpec, TinyVAEEncoder, VAEDecoder,
+                             VAEEncoder)
 
     vae = ckpt.vae
     zc = vae.config.latent_channels
+    tiny = vae_class(vae) == "AutoencoderTiny"
     # The VAE is validated at small sizes: its cost grows with pixels and no shape is special to it.
     vsmall = max(8, ckpt.unet.config.sample_size // 4)
+    encoded = (TensorSpec("latents", "float32", [BATCH, zc, LAT_H, LAT_W]) if tiny
+               else TensorSpec("latent_parameters", "float32", [BATCH, 2 * zc, LAT_H, LAT_W]))
     return [
         Component(
             "vae_decoder",
@@ -283,13 +346,39 @@ def vae_components(ckpt: Checkpoint) -> list:
         ),
         Component(
             "vae_encoder",
-            VAEEncoder(vae),
+            TinyVAEEncoder(vae) if tiny else VAEEncoder(vae),
             [TensorSpec("sample", "float32", [BATCH, 3, IMG_H, IMG_W])],
-            [TensorSpec("latent_parameters", "float32", [BATCH, 2 * zc, LAT_H, LAT_W])],
+            [encoded],
             lambda b, h, w: (torch.rand(b, 3, h * 8, w * 8) * 2 - 1,),
             [(1, vsmall, vsmall), (2, vsmall // 2, vsmall)],
         ),
     ]
+
+
+def vae_class(vae) -> str:
+    """The diffusers class of a checkpoint's VAE, refused unless sdrt runs it (runtime/vae.py)."""
+    from .checkpoint import VAE_CLASSES
+
+    name = type(vae).__name__
+    if name not in VAE_CLASSES:
+        raise CheckpointError(f"the VAE is a {name}; sdrt exports an {' or an '.join(VAE_CLASSES)}")
+    return name
+
+
+def vae_facts(vae, source) -> dict:
+    """The manifest's ``vae`` record: the VAE's class, the --vae folder it came from (None: the checkpoint's
+    own) and its tiling as the diffusers module sets it up (tile sizes in pixels and latents, overlap;
+    AutoencoderTiny's spatial scale), which the runtime reproduces."""
+    cls = vae_class(vae)
+    size = vae.tile_sample_min_size
+    tiling = {"sample_size": int(size[0] if isinstance(size, (list, tuple)) else size),
+              "latent_size": int(vae.tile_latent_min_size), "overlap": float(vae.tile_overlap_factor)}
+    rec = {"class": cls, "source": str(source) if source else None, "tiling": tiling}
+    if cls == "AutoencoderTiny":
+        tiling["scale"] = int(vae.spatial_scale_factor)
+        # TAESD's byte quantization of latents (scale_latents); no pipeline uses it, recorded for completeness
+        rec.update(latent_shift=float(vae.config.latent_shift), latent_magnitude=float(vae.config.latent_magnitude))
+    return rec
 
 
 FAMILIES: dict[str, StableDiffusion] = {
@@ -298,13 +387,14 @@ FAMILIES: dict[str, StableDiffusion] = {
         StableDiffusion("sd1", "Stable Diffusion 1.x", openclip=False),
         StableDiffusion("sd2", "Stable Diffusion 2.x", openclip=True),
         StableDiffusionXL(),
+        StableDiffusionXLRefiner(),
     )
 }
 
 
 def supported() -> str:
     names = [f"{f.name} ({f.title})" for f in FAMILIES.values()]
-    return f"{', '.join(names[:-1])} and {names[-1]}, text to image and inpainting"
+    return f"{', '.join(names[:-1])} and {names[-1]}, text to image, image to image and inpainting"
 
 
 def get(name: str) -> StableDiffusion:

@@ -12,6 +12,10 @@ text_time embeddings) are small (an export takes seconds); ``sd1-inpaint``, ``sd
 latents) under diffusers' inpainting pipeline classes; ``sd1-full`` has the real Stable Diffusion
 1.5 sizes (UNet ~860M parameters) for export and benchmark work at scale.
 
+VAE folders alone, for ``sdrt export CHECKPOINT --vae DIR``: ``kl-vae`` (a small AutoencoderKL other than
+the checkpoints' own: other weights, scaling factor and tile size, as an fp16-safe VAE would be),
+``taesd`` (a small AutoencoderTiny) and ``taesd-full`` (AutoencoderTiny at TAESD's real size).
+
 Tokenizers use the real CLIP BPE vocabulary (49408 tokens). It ships inside the open_clip_torch
 wheel (install it with ``pip install --no-deps open_clip_torch``: its dependencies would replace torch);
 the file is read from there without importing open_clip.
@@ -30,7 +34,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd1-inpaint", "sd2-inpaint", "sdxl-inpaint", "sd1-full")
+from .tokenizer_files import write_classic_files
+
+FAMILIES = ("sd1", "sd2", "sdxl", "sd1-inpaint", "sd2-inpaint", "sdxl-inpaint", "sdxl-refiner", "sd1-full")
+VAES = ("kl-vae", "taesd", "taesd-full")
 INPAINT_SUFFIX = "-inpaint"
 
 # The scheduler configs exactly as the public checkpoints ship them.
@@ -205,6 +212,20 @@ def family_spec(family: str) -> dict:
             pipeline="StableDiffusionXLPipeline",
             model_index=SDXL_INDEX,
         )
+    if family == "sdxl-refiner":
+        # the SDXL test model's second text encoder and VAE (as the real refiner shares the base's), its own
+        # UNet: cross-attention on that encoder alone, five time ids (the aesthetic score for the target size)
+        base = family_spec("sdxl")
+        return dict(
+            text_encoder_2=base["text_encoder_2"],
+            tokenizer_2_pad=base["tokenizer_2_pad"],
+            unet=dict(base["unet"], cross_attention_dim=64, projection_class_embeddings_input_dim=5 * 8 + 32),
+            vae=base["vae"],
+            scheduler=SDXL_SCHEDULER,
+            pipeline="StableDiffusionXLImg2ImgPipeline",
+            model_index=dict(SDXL_INDEX, text_encoder=[None, None], tokenizer=[None, None],
+                             requires_aesthetics_score=True, force_zeros_for_empty_prompt=False),
+        )
     if family == "sd1-full":
         return dict(
             # CLIP ViT-L/14 text tower, as runwayml/stable-diffusion-v1-5 ships it.
@@ -291,7 +312,8 @@ def _bpe_merges_used(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple
 
 
 def write_clip_tokenizer(out_dir: Path, pad_token: str, words: Iterable[str] | None = None) -> None:
-    """Write the CLIP tokenizer (vocab.json, merges.txt, tokenizer.json) as openai/clip-vit-large-patch14 has it.
+    """Write the CLIP tokenizer (tokenizer.json, vocab.json, merges.txt, special_tokens_map.json,
+    tokenizer_config.json) as openai/clip-vit-large-patch14 has it, whichever transformers is installed.
 
     With ``words`` (texts split into CLIP's pre-tokens: runs of letters, single digits, runs of other
     symbols), the vocabulary is trimmed to the 512 byte-level tokens, the merges CLIP applies to
@@ -325,6 +347,9 @@ def write_clip_tokenizer(out_dir: Path, pad_token: str, words: Iterable[str] | N
         )
         tok = CLIPTokenizerFast.from_pretrained(tmp, pad_token=pad_token, model_max_length=77)
         tok.save_pretrained(out_dir)
+    # transformers 5 saves tokenizer.json alone; the classic files too, as a Hub checkpoint has them
+    write_classic_files(Path(out_dir) / "tokenizer.json", Path(out_dir), bos_token=tok.bos_token, eos_token=tok.eos_token,
+                        unk_token=tok.unk_token, pad_token=pad_token, model_max_length=77)
 
 
 def build_checkpoint(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
@@ -339,10 +364,11 @@ def build_checkpoint(family: str, out_dir: str | os.PathLike, seed: int = 0) -> 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     with torch.no_grad():
-        te = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"])).eval()
-        te.save_pretrained(out / "text_encoder")
-        del te
-        write_clip_tokenizer(out / "tokenizer", spec["tokenizer_pad"])
+        if "text_encoder" in spec:  # not an SDXL refiner's
+            te = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"])).eval()
+            te.save_pretrained(out / "text_encoder")
+            del te
+            write_clip_tokenizer(out / "tokenizer", spec["tokenizer_pad"])
         if "text_encoder_2" in spec:
             te2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"])).eval()
             te2.save_pretrained(out / "text_encoder_2")
@@ -371,6 +397,53 @@ def build_checkpoint(family: str, out_dir: str | os.PathLike, seed: int = 0) -> 
     return out
 
 
+def vae_spec(kind: str) -> tuple[str, dict]:
+    """(diffusers class, config) of a test VAE folder of ``kind``."""
+    if kind == "kl-vae":  # latents as SMALL_VAE's (4 channels, 8x), another scaling and 64-pixel tiles
+        return "AutoencoderKL", dict(SMALL_VAE, block_out_channels=[32, 64, 64, 64], sample_size=64, scaling_factor=0.13025)
+    if kind == "taesd":
+        return "AutoencoderTiny", dict(encoder_block_out_channels=[16] * 4, decoder_block_out_channels=[16] * 4,
+                                       num_encoder_blocks=[1, 1, 1, 1], num_decoder_blocks=[1, 1, 1, 1])
+    if kind == "taesd-full":
+        return "AutoencoderTiny", {}  # diffusers' defaults are TAESD's architecture (madebyollin/taesd)
+    raise ValueError(f"unknown test VAE {kind!r}; choose one of {', '.join(VAES)}")
+
+
+def build_vae(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a random-weight diffusers VAE folder of ``kind`` (config.json + weights) to ``out_dir``."""
+    import diffusers
+    import torch
+
+    cls, config = vae_spec(kind)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        vae = getattr(diffusers, cls)(**config).eval()
+        if cls == "AutoencoderTiny":
+            _calibrate_tiny(vae, seed)
+        vae.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def _calibrate_tiny(vae, seed: int) -> None:
+    """Random TAESD weights decode to nearly black (the decoder's last convolution gives about 0, which
+    its mul(2).sub(1) makes -1: half the pixels clip) and encode to latents of std 0.07. Rescale each
+    half's last convolution (still random weights) so that images spread around grey and latents have
+    unit scale: a parity test then compares images, not clipping."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 2)
+    for half, sample, mean, std in ((vae.encoder, torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, 0.0, 1.0),
+                                    (vae.decoder, torch.randn(2, 4, 8, 8, generator=g), 0.5, 0.2)):
+        conv = half.layers[-1]
+        seen = []
+        hook = conv.register_forward_hook(lambda mod, args, out: seen.append(out))
+        half(sample)
+        hook.remove()
+        scale = std / float(seen[0].std())
+        conv.weight.mul_(scale)
+        conv.bias.copy_((conv.bias - float(seen[0].mean())) * scale + mean)
+
+
 def _perturb_zero_init(module, seed: int) -> None:
     """diffusers zero-initialises some output projections (conv_out of ControlNet-style blocks, proj_out);
     a random test model whose UNet output is exactly zero would hide export bugs, so give them small noise."""
@@ -384,16 +457,17 @@ def _perturb_zero_init(module, seed: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdrt.export.testing", description=__doc__.split("\n")[0])
-    ap.add_argument("family", choices=FAMILIES)
+    ap.add_argument("family", choices=FAMILIES + VAES)
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
-        path = build_checkpoint(args.family, args.out_dir, args.seed)
+        build = build_vae if args.family in VAES else build_checkpoint
+        path = build(args.family, args.out_dir, args.seed)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.family} checkpoint to {path}")
+    print(f"wrote {args.family} {'VAE' if args.family in VAES else 'checkpoint'} to {path}")
     return 0
 
 

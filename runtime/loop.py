@@ -23,12 +23,18 @@ def unet_callable(engine, record: dict, conditioning: list[np.ndarray], unet_tim
     lists them: sample, timestep, then ``conditioning`` (the family's: hidden states, ...); the output
     is the record's first. ``unet_times`` collects the seconds of each call."""
     names = [t["name"] for t in record["inputs"]]
-    sample, timestep, rest = names[0], names[1], dict(zip(names[2:], conditioning))
+    sample, timestep = names[0], names[1]
+    # each input as its record declares it: the timestep one per row ([batch]) or one for all ([], optimum's)
+    t_spec = record["inputs"][1]
+    t_dtype, t_scalar = np.dtype(t_spec.get("dtype", "float32")), len(t_spec["shape"]) == 0
+    rest = {n: np.asarray(c).astype(spec["dtype"], copy=False)
+            for n, c, spec in zip(names[2:], conditioning, record["inputs"][2:])}
     out = record["outputs"][0]["name"]
 
     def model(x, t):
         t0 = time.perf_counter()
-        y = engine(**{sample: x, timestep: np.full((len(x),), t, np.float32)}, **rest)[out]
+        ts = np.asarray(t, t_dtype) if t_scalar else np.full((len(x),), t, t_dtype)
+        y = engine(**{sample: x, timestep: ts}, **rest)[out]
         if unet_times is not None:
             unet_times.append(time.perf_counter() - t0)
         return y
@@ -58,15 +64,16 @@ def guided(model: Model, scale: float) -> Model:
     return wrapped
 
 
-def denoise(model: Model, scheduler, latents: np.ndarray, rng, *, start: int = 0,
+def denoise(model: Model, scheduler, latents: np.ndarray, rng, *, start: int = 0, stop: int | None = None,
             after_step: Callable[[np.ndarray, int], np.ndarray] | None = None,
             callback: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Run ``scheduler``'s steps ``start..`` on ``latents``. ``rng.standard_normal`` gives the fresh noise of
-    stochastic steps; ``after_step(latents, i)`` runs after step ``i`` (inpainting's blend);
-    ``callback(k, n)`` after each of the n steps."""
+    """Run ``scheduler``'s steps ``start..stop`` (to the last by default) on ``latents``. ``rng.standard_normal``
+    gives the fresh noise of stochastic steps; ``after_step(latents, i)`` runs after step ``i`` (inpainting's
+    blend); ``callback(k, n)`` after each of the n steps."""
     timesteps = scheduler.timesteps
-    n = len(timesteps) - start
-    for k, i in enumerate(range(start, len(timesteps))):
+    stop = len(timesteps) if stop is None else stop
+    n = stop - start
+    for k, i in enumerate(range(start, stop)):
         t = timesteps[i]
         pred = model(scheduler.scale_model_input(latents, i).astype(np.float32, copy=False), t)
         _check_finite(pred, lambda: f"the UNet produced NaN or Inf at step {k + 1}/{n} (timestep {t:g}); "

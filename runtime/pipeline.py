@@ -23,11 +23,13 @@ from .families import family_for
 from .images import load_image, load_mask, open_image
 from .lora import LoraMixin
 from .manifest import load_manifest
+from .optimum import imported_dir, is_optimum_dir
 from .prompts import syntax_name as prompt_syntax_name
 from .schedulers import make_scheduler
 from .stages import Request, Timings, decode, latent_shape
 from .tasks import TASK_NAMES, pick_task
 from .tokenizer import ClipTokenizer
+from .vae import Vae
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 DEFAULT_STEPS = 50  # diffusers' default, when the model records none
@@ -53,22 +55,41 @@ class Pipeline(LoraMixin):
         self.engines = engines
         self.tokenizers = tokenizers
         self.family = family_for(manifest)
+        self.name = model_dir.name  # what a result's parameters call the model (the folder's name)
         self.scheduler_config = _read_scheduler_config(model_dir)
         # the model's own sampling settings, when its export recorded them (checked by load_manifest)
         self.generation_defaults: dict = dict(manifest.get("generation_defaults") or {})
+        self.vae = Vae.from_manifest(manifest)
+        self.vae_tiling = False
+        self.precision = "fp32"
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", *, threads: int | None = None,
-             low_memory: bool = False, cuda_graph: bool = False) -> "Pipeline":
-        """``low_memory``: each component is loaded when needed and released after its stage, so
+             low_memory: bool = False, cuda_graph: bool = False, precision: str = "fp32") -> "Pipeline":
+        """``precision``: "fp32" (the default, the parity path), "bf16" (OpenVINO, on CPUs with AVX-512 BF16
+        or AMX) or "int8" (the UNet graph `sdrt quantize` wrote); see runtime/precision.py.
+        ``low_memory``: each component is loaded when needed and released after its stage, so
         peak memory is the largest component's rather than the sum (slower: every call reloads).
         ``cuda_graph`` (TensorRT backend): capture the UNet call once and replay it every step."""
-        model_dir = Path(path)
+        model_dir = name = Path(path)
+        if is_optimum_dir(model_dir):  # optimum's ONNX layout: a derived manifest, kept in the user's cache
+            model_dir = imported_dir(model_dir)
         manifest = load_manifest(model_dir)
         kind, engines = select(backend, model_dir, manifest, threads=threads, low_memory=low_memory,
-                               cuda_graph=cuda_graph)
+                               cuda_graph=cuda_graph, precision=precision)
         tokenizers = [ClipTokenizer.from_manifest(model_dir, rec) for rec in manifest["tokenizers"]]
-        return cls(model_dir, manifest, kind, engines, tokenizers, low_memory=low_memory)
+        pipe = cls(model_dir, manifest, kind, engines, tokenizers, low_memory=low_memory)
+        pipe.name = name.absolute().name
+        pipe.precision = precision
+        return pipe
+
+    def enable_vae_tiling(self) -> None:
+        """Decode (and encode) in overlapping tiles, blended as diffusers' ``pipe.vae.enable_tiling()`` does:
+        memory stays that of one tile whatever the image size (runtime/vae.py)."""
+        self.vae_tiling = True
+
+    def disable_vae_tiling(self) -> None:
+        self.vae_tiling = False
 
     def engine(self, name: str):
         return self.engines[name]
@@ -105,6 +126,10 @@ class Pipeline(LoraMixin):
         negative_prompt_embeds: np.ndarray | None = None,
         pooled_prompt_embeds: np.ndarray | None = None,
         negative_pooled_prompt_embeds: np.ndarray | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
     ) -> PipelineOutput:
         """Generate images. ``seed`` makes a numpy Generator (``generator`` passes one directly);
         ``latents`` gives the initial noise (B, C, H/8, W/8) as in diffusers. ``image`` alone runs image to
@@ -119,16 +144,24 @@ class Pipeline(LoraMixin):
         weighting syntax, long prompts in 77-token chunks, as compel's CompelForSD/CompelForSDXL give
         diffusers) or "a1111" (AUTOMATIC1111's); see sdrt.runtime.prompts. ``prompt_embeds`` (B, L, D),
         ``negative_prompt_embeds`` and, for SDXL, ``pooled_prompt_embeds`` (B, P) and
-        ``negative_pooled_prompt_embeds`` take precomputed conditioning instead of text, as diffusers does."""
+        ``negative_pooled_prompt_embeds`` take precomputed conditioning instead of text, as diffusers does.
+
+        The SDXL base -> refiner hand-off, as diffusers': ``denoising_end`` (in (0, 1)) stops the schedule at that
+        fraction, and with ``output_type="latent"`` ``.images`` holds the latents (B, C, H/8, W/8); the refiner,
+        given them as ``image`` with ``denoising_start`` (the same fraction), runs the rest (strength ignored).
+        ``aesthetic_score`` / ``negative_aesthetic_score`` condition a refiner's positive / negative rows."""
         t_start = time.perf_counter()
-        task = pick_task(self.manifest, image, mask_image)
+        task = pick_task(self.manifest, image, mask_image, refines=self.family.refines)
         if strength is None:
             strength = 1.0 if mask_image is not None else 0.8
         req = self._request(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                             num_images_per_prompt, seed, latents, scheduler, image, mask_image, strength,
                             scheduler_config, output_type, generator, callback, prompt_syntax=prompt_syntax,
                             embeds=(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-                                    negative_pooled_prompt_embeds))
+                                    negative_pooled_prompt_embeds),
+                            hand_off=dict(denoising_start=denoising_start, denoising_end=denoising_end,
+                                          aesthetic_score=aesthetic_score,
+                                          negative_aesthetic_score=negative_aesthetic_score))
         latents = task(self, req)
         images = latents if output_type == "latent" else decode(self, latents, req)
         timings = req.timings
@@ -146,10 +179,15 @@ class Pipeline(LoraMixin):
             "seed": seed,
             "scheduler": req.scheduler.name,
             "scheduler_config": scheduler_config,
-            "strength": strength if image is not None else None,
+            "strength": strength if image is not None and denoising_start is None else None,
+            **{k: v for k, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)) if v is not None},
+            **({"aesthetic_score": req.aesthetic_score, "negative_aesthetic_score": req.negative_aesthetic_score}
+               if self.family.refines else {}),
             "task": TASK_NAMES[task],
-            "model": self.model_dir.name,
+            "model": self.name,
             "backend": self.backend,
+            **({"precision": self.precision} if self.precision != "fp32" else {}),
+            **({"vae_tiling": True} if self.vae_tiling else {}),
         }
         if output_type == "pil":
             from PIL import Image
@@ -159,12 +197,16 @@ class Pipeline(LoraMixin):
 
     def _request(self, prompt, negative_prompt, steps, guidance_scale, height, width, per_prompt, seed, latents,
                  scheduler, image, mask_image, strength, scheduler_config, output_type, generator, callback, *,
-                 prompt_syntax=None, embeds=(None, None, None, None)) -> Request:
+                 prompt_syntax=None, embeds=(None, None, None, None), hand_off=None) -> Request:
         """The call's arguments checked and filled with defaults; every error names the argument."""
         m, defaults = self.manifest, self.generation_defaults
         syntax = prompt_syntax_name(prompt_syntax)
         prompts, prompt_embeds, negative_embeds = self._prompt_inputs(prompt, negative_prompt, *embeds)
         n_prompts = len(prompts) if prompts is not None else len(prompt_embeds)
+        hand_off = _hand_off(m, image, mask_image, height, width, **(hand_off or {}))
+        if hand_off["image_latents"] is not None:
+            height, width = hand_off.pop("size")  # the latents' own
+            image = None  # read: nothing to load below
         height = m["native_resolution"] if height is None else height
         width = m["native_resolution"] if width is None else width
         if guidance_scale is None:
@@ -185,7 +227,7 @@ class Pipeline(LoraMixin):
             raise GenerationError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
         if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
             raise GenerationError(f"num_images_per_prompt must be an integer >= 1, got {per_prompt!r}")
-        if image is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating))
+        if (image is not None or hand_off["image_latents"] is not None) and (isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating))
                                   or not 0.0 < strength <= 1.0):
             raise GenerationError(f"strength must be in (0, 1] (a number), got {strength!r}")
         if output_type not in OUTPUT_TYPES:
@@ -207,7 +249,7 @@ class Pipeline(LoraMixin):
         req = Request(prompts, negatives, per_prompt, steps, float(guidance_scale), height, width, sched,
                       generator if generator is not None else np.random.default_rng(seed),
                       strength=strength, callback=callback, prompt_syntax=syntax, prompt_embeds=prompt_embeds,
-                      negative_embeds=negative_embeds)
+                      negative_embeds=negative_embeds, **hand_off)
         image = open_image(image) if image is not None else None  # read once: the mask is checked against it
         if mask_image is not None:
             req.mask = load_mask(mask_image, height, width, image=image)
@@ -255,6 +297,42 @@ class Pipeline(LoraMixin):
     def close(self) -> None:
         for e in self.engines.values():
             e.close()
+
+
+def _hand_off(manifest: dict, image, mask_image, height, width, denoising_start=None, denoising_end=None,
+              aesthetic_score=6.0, negative_aesthetic_score=2.5) -> dict:
+    """The base -> refiner hand-off's arguments checked, as Request fields (+ "size": the latents' in pixels):
+    ``image`` given as latents (a numpy (N, C, h, w) array of the model's latent channels), the denoising
+    fractions, the aesthetic scores."""
+    fractions = {}
+    for name, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not 0.0 < v < 1.0):
+            raise GenerationError(f"{name} must be a number in (0, 1), the fraction of the schedule, got {v!r}")
+        fractions[name] = None if v is None else float(v)
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise GenerationError(f"denoising_start {denoising_start} must be below denoising_end {denoising_end}")
+    if (denoising_start is not None or denoising_end is not None) and mask_image is not None:
+        raise GenerationError("denoising_start/denoising_end are for text to image and image to image (the SDXL base -> "
+                              "refiner hand-off), not inpainting")
+    if denoising_start is not None and image is None:
+        raise GenerationError("denoising_start continues a denoising run: give image= (the base's latents from "
+                              "output_type='latent' with denoising_end, or a picture)")
+    for name, v in (("aesthetic_score", aesthetic_score), ("negative_aesthetic_score", negative_aesthetic_score)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not math.isfinite(v):
+            raise GenerationError(f"{name} must be a finite number, got {v!r}")
+    out = dict(fractions, aesthetic_score=float(aesthetic_score), negative_aesthetic_score=float(negative_aesthetic_score),
+               image_latents=None)
+    z = manifest["latent_channels"]
+    if isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[1] == z and z != 3:
+        f = manifest["vae_scale_factor"]
+        size = (image.shape[2] * f, image.shape[3] * f)
+        for name, given, v in (("height", height, size[0]), ("width", width, size[1])):
+            if given is not None and given != v:
+                raise GenerationError(f"{name} {given} does not match the latents given as image ({v} pixels); leave it out")
+        if not np.isfinite(image).all():
+            raise GenerationError("the latents given as image hold NaN or Inf")
+        out.update(image_latents=image.astype(np.float32), size=size)
+    return out
 
 
 def _nearest_multiples(v: int, m: int = 8) -> str:

@@ -75,6 +75,11 @@ class Request:
     prompt_syntax: str = "none"
     prompt_embeds: Conditioning | None = None  # one row per prompt
     negative_embeds: Conditioning | None = None
+    image_latents: np.ndarray | None = None  # (N, C, h, w): ``image`` given as latents (a base's, for a refiner)
+    denoising_start: float | None = None  # the fraction of the schedule already run (by a base), or None
+    denoising_end: float | None = None  # the fraction of the schedule to run before handing over, or None
+    aesthetic_score: float = 6.0  # the SDXL refiner's micro-conditioning (positive and negative rows)
+    negative_aesthetic_score: float = 2.5
     timings: Timings = field(default_factory=Timings)
 
     @property
@@ -149,7 +154,7 @@ def check_text_length(manifest: dict, length: int) -> None:
 def unet_model(pipe, req: Request, cond: Conditioning, extra_channels: np.ndarray | None = None) -> Model:
     """The UNet as the loop's model: bound to the family's conditioning, fed ``extra_channels`` (B, E, h, w)
     after the latents when given, under classifier-free guidance when the scale asks for it."""
-    conditioning = pipe.family.unet_conditioning(cond, pipe.manifest, req.height, req.width)
+    conditioning = pipe.family.unet_conditioning(cond, pipe.manifest, req)
     model = unet_callable(pipe.engine("unet"), pipe.manifest["components"]["unet"], conditioning, req.timings.unet)
     if extra_channels is not None:
         model = with_channels(model, np.concatenate([extra_channels] * 2) if req.cfg else extra_channels)
@@ -163,7 +168,8 @@ def run_loop(pipe, req: Request, model: Model, latents: np.ndarray, *, start: in
     are released."""
     pipe.done_with("vae_encoder")
     t0, unet0 = time.perf_counter(), sum(req.timings.unet)
-    latents = denoise(model, req.scheduler, latents, req.rng, start=start, after_step=after_step, callback=req.callback)
+    latents = denoise(model, req.scheduler, latents, req.rng, start=start, stop=stop_step(req, start),
+                      after_step=after_step, callback=req.callback)
     req.timings.scheduler += time.perf_counter() - t0 - (sum(req.timings.unet) - unet0)
     pipe.done_with("unet")
     return latents
@@ -175,13 +181,43 @@ def latent_shape(pipe, req: Request) -> tuple[int, int, int, int]:
 
 
 def first_step(req: Request) -> int:
-    """The index of the first step that runs at ``strength`` (diffusers' get_timesteps): the last
-    int(steps * strength) steps, each counted ``scheduler.order`` times."""
+    """The index of the first step that runs (diffusers' get_timesteps): at ``strength``, the last
+    int(steps * strength) steps, each counted ``scheduler.order`` times; with ``denoising_start``, the steps
+    whose timestep lies below its cut-off (completed to a whole step for a second-order scheduler), strength
+    ignored."""
     sched, n = req.scheduler, req.steps
+    if req.denoising_start is not None:
+        count = int((np.asarray(sched.timesteps) < _cutoff(sched, req.denoising_start)).sum())
+        if sched.order == 2 and count % 2 == 0:
+            count += 1  # every timestep but the highest is doubled: do not start between a step's two halves
+        start = len(sched.timesteps) - count
+        if count == 0:
+            raise GenerationError(f"denoising_start {req.denoising_start} with {n} steps leaves no denoising step; "
+                                  "lower denoising_start or raise the steps")
+        return start
     start = max(n - min(int(n * req.strength), n), 0) * sched.order
     if start >= len(sched.timesteps):
         raise GenerationError(f"strength {req.strength} with {n} steps leaves no denoising step; raise strength or steps")
     return start
+
+
+def stop_step(req: Request, start: int) -> int:
+    """One past the last step that runs: with ``denoising_end``, the steps from ``start`` whose timestep is at or
+    above its cut-off (the rest is left to a refiner), as diffusers' SDXL pipelines cut their timesteps."""
+    timesteps = np.asarray(req.scheduler.timesteps)
+    if req.denoising_end is None:
+        return len(timesteps)
+    count = int((timesteps[start:] >= _cutoff(req.scheduler, req.denoising_end)).sum())
+    if count == 0:
+        raise GenerationError(f"denoising_end {req.denoising_end} with {req.steps} steps leaves no denoising step; "
+                              "raise denoising_end or the steps")
+    return start + count
+
+
+def _cutoff(sched, fraction: float) -> int:
+    """The training timestep a fraction of the schedule ends at (diffusers' discrete_timestep_cutoff)."""
+    train = sched.config.get("num_train_timesteps", 1000)
+    return int(round(train - fraction * train))
 
 
 def per_image(x: np.ndarray, req: Request, what: str) -> np.ndarray:
@@ -201,30 +237,20 @@ def check_rows(n: int, req: Request, what: str) -> None:
 
 
 def encode_image(pipe, image: np.ndarray, req: Request, what: str = "init image") -> np.ndarray:
-    """image (N, 3, H, W) in [-1, 1] -> scaled latents, one row per image of the batch, sampled from the
-    encoder's distribution with ``req.rng`` as diffusers' retrieve_latents(sample_mode="sample")."""
-    m = pipe.manifest
+    """image (N, 3, H, W) in [-1, 1] -> scaled latents, one row per image of the batch: sampled from the
+    encoder's distribution with ``req.rng`` as diffusers' retrieve_latents(sample_mode="sample"), or as an
+    AutoencoderTiny gives them (runtime/vae.py); tiled when the pipeline's VAE tiling is on."""
     check_rows(len(image), req, what)  # before the encoder runs
     t0 = time.perf_counter()
-    params = run_single(pipe, "vae_encoder", image)  # (N, 2C, h, w): mean and log-variance
-    mean, logvar = np.split(params, 2, axis=1)
-    std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-    latents = mean + std * req.rng.standard_normal(mean.shape, dtype=np.float32)
-    if m.get("vae_shift_factor") is not None:
-        latents = latents - np.float32(m["vae_shift_factor"])
-    latents = (latents * np.float32(m["vae_scaling_factor"])).astype(np.float32)
+    latents = pipe.vae.encode(lambda x: run_single(pipe, "vae_encoder", x), image, req.rng, tiled=pipe.vae_tiling)
     req.timings.vae_encoder += time.perf_counter() - t0
     return per_image(latents, req, what)
 
 
 def decode(pipe, latents: np.ndarray, req: Request) -> np.ndarray:
-    """Scaled latents -> float32 (B, H, W, 3) images in [0, 1]."""
+    """Scaled latents -> float32 (B, H, W, 3) images in [0, 1]; tiled when the pipeline's VAE tiling is on."""
     t0 = time.perf_counter()
-    m = pipe.manifest
-    z = latents / np.float32(m["vae_scaling_factor"])
-    if m.get("vae_shift_factor") is not None:
-        z = z + np.float32(m["vae_shift_factor"])
-    image = run_single(pipe, "vae_decoder", z.astype(np.float32))  # (B, 3, H, W) in [-1, 1]
+    image = pipe.vae.decode(lambda z: run_single(pipe, "vae_decoder", z), latents, tiled=pipe.vae_tiling)  # (B, 3, H, W)
     if not np.isfinite(image).all():
         raise NonFiniteError(
             "the VAE decoder produced NaN or Inf; no image was written. An fp16 VAE overflowing is the usual "

@@ -23,12 +23,20 @@ def text_to_image(pipe, req: Request) -> np.ndarray:
 
 
 def image_to_image(pipe, req: Request) -> np.ndarray:
-    """SDEdit (Meng et al. 2022): the image's latents noised to the strength's first step, denoised from there."""
+    """SDEdit (Meng et al. 2022): the image's latents noised to the strength's first step, denoised from there.
+    Given latents with ``denoising_start`` (a base's, stopped at ``denoising_end``: the SDXL refiner hand-off),
+    they are already at that step's noise level and continue as they are."""
     cond = encode_prompt(pipe, req)
     sched, start = req.scheduler, first_step(req)
-    init = encode_image(pipe, req.image, req)
-    noise = req.latents if req.latents is not None else req.rng.standard_normal(init.shape, dtype=np.float32)
-    latents = sched.add_noise(init, noise, start).astype(np.float32)
+    if req.image_latents is not None:
+        init = per_image(req.image_latents, req, "latent image")
+    else:
+        init = encode_image(pipe, req.image, req)
+    if req.denoising_start is not None:
+        latents = init.astype(np.float32)
+    else:
+        noise = req.latents if req.latents is not None else req.rng.standard_normal(init.shape, dtype=np.float32)
+        latents = sched.add_noise(init, noise, start).astype(np.float32)
     return run_loop(pipe, req, unet_model(pipe, req, cond), latents, start=start)
 
 
@@ -57,7 +65,7 @@ def inpaint(pipe, req: Request) -> np.ndarray:
         return run_loop(pipe, req, model, latents, start=start)
     # diffusers encodes the masked image here too, unused by a 4-channel UNet: draw its sample noise, so
     # that noise is drawn in the same order and shapes as there, without running the encoder
-    req.rng.standard_normal((len(masked_image),) + image_latents.shape[1:], dtype=np.float32)
+    pipe.vae.draw_unused_sample(req.rng, (len(masked_image),) + image_latents.shape[1:])
     last = len(sched.timesteps) - 1
 
     def blend(x, i):
@@ -67,8 +75,12 @@ def inpaint(pipe, req: Request) -> np.ndarray:
     return run_loop(pipe, req, unet_model(pipe, req, cond), latents, start=start, after_step=blend)
 
 
-def pick_task(manifest: dict, image, mask_image):
-    """The task the arguments ask for, as diffusers' AutoPipelineFor* do; an inpainting model needs a mask."""
+def pick_task(manifest: dict, image, mask_image, refines: bool = False):
+    """The task the arguments ask for, as diffusers' AutoPipelineFor* do; an inpainting model needs a mask,
+    a refiner (``refines``) an image."""
+    if refines and (image is None or mask_image is not None):
+        raise GenerationError("this is an SDXL refiner (image to image only): give image= (a picture, or the base's "
+                              "latents from output_type='latent' with denoising_end) and no mask_image")
     if mask_image is not None:
         if image is None:
             raise GenerationError("mask_image was given without image; inpainting needs both (the image to repaint)")

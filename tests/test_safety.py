@@ -165,7 +165,7 @@ def test_a_malformed_manifest_names_the_key(copy, change, message):
 
 def test_an_unknown_family_or_a_manifest_that_is_no_object_is_refused(copy):
     root = _edit(copy(), _set("family", "sd9"))
-    with pytest.raises(ModelDirError, match=r"sdrt.json: family 'sd9' is not one this sdrt runs \(sd1, sd2, sdxl\); upgrade"):
+    with pytest.raises(ModelDirError, match=r"sdrt.json: family 'sd9' is not one this sdrt runs \(sd1, sd2, sdxl, sdxl-refiner\); upgrade"):
         load_manifest(root)
     (root / "sdrt.json").write_text("[1, 2]")
     with pytest.raises(ModelDirError, match=rf"sdrt.json is not a JSON object; {REEXPORT}"):

@@ -11,12 +11,13 @@ from __future__ import annotations
 from ..errors import ModelDirError
 from .base import Conditioning, Family
 from .sd import StableDiffusion
-from .sdxl import StableDiffusionXL
+from .sdxl import StableDiffusionXL, StableDiffusionXLRefiner
 
 FAMILIES: dict[str, Family] = {
     "sd1": StableDiffusion("sd1"),
     "sd2": StableDiffusion("sd2"),
     "sdxl": StableDiffusionXL(),
+    "sdxl-refiner": StableDiffusionXLRefiner(),
 }
 
 

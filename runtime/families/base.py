@@ -63,6 +63,7 @@ def run_text_encoder(engines, manifest: dict, name: str, ids: np.ndarray, mask: 
     encoders one can only take an all-ones mask."""
     rec = manifest["components"][name]
     names = input_names(rec)
+    ids = ids.astype(rec["inputs"][0]["dtype"], copy=False)  # int32 in sdrt's graphs, int64 in optimum's
     feed = {names[0]: ids}
     if len(names) > 1:
         feed[names[1]] = np.ones_like(ids) if mask is None else mask.astype(ids.dtype)
@@ -94,6 +95,7 @@ class Family:
     required: tuple[str, ...] = ()
     default_guidance: float = 7.5
     has_pooled: bool = False  # whether the UNet also takes a pooled text embedding
+    refines: bool = False  # an image-to-image model only (the SDXL refiner): it needs an image or latents
 
     def text_states(self, engines, manifest: dict, token_ids: list[np.ndarray],
                     masks: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], np.ndarray | None]:
@@ -123,6 +125,7 @@ class Family:
         """The unconditional rows when no negative prompt is given, or None to encode "" as diffusers does."""
         return None
 
-    def unet_conditioning(self, cond: Conditioning, manifest: dict, height: int, width: int) -> list[np.ndarray]:
-        """The UNet's inputs after (sample, timestep), in the order its record lists them."""
+    def unet_conditioning(self, cond: Conditioning, manifest: dict, req) -> list[np.ndarray]:
+        """The UNet's inputs after (sample, timestep), in the order its record lists them, for the request
+        ``req`` (stages.Request: its size, guidance, micro-conditioning)."""
         return [cond.hidden]

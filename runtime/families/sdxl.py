@@ -33,7 +33,36 @@ class StableDiffusionXL(Family):
         # the checkpoint's force_zeros_for_empty_prompt (True for SDXL base): zeros, not the encoded ""
         return positive.zeros_like() if manifest.get("force_zeros_for_empty_prompt", True) else None
 
-    def unet_conditioning(self, cond, manifest, height, width):
+    def unet_conditioning(self, cond, manifest, req):
         # original_size + crops_coords_top_left + target_size, for every row, negatives included
-        time_ids = np.tile(np.array([height, width, 0, 0, height, width], dtype=np.float32), (len(cond), 1))
+        h, w = req.height, req.width
+        time_ids = np.tile(np.array([h, w, 0, 0, h, w], dtype=np.float32), (len(cond), 1))
         return [cond.hidden, cond.pooled, time_ids]
+
+
+class StableDiffusionXLRefiner(StableDiffusionXL):
+    """The SDXL refiner: an image-to-image model conditioned on the second text encoder alone, with the
+    aesthetic score in its time ids in place of the target size, the negative rows' their own
+    (diffusers' StableDiffusionXLImg2ImgPipeline with requires_aesthetics_score: encode_prompt without
+    text_encoder, _get_add_time_ids). Given the base's latents and ``denoising_start``, it runs the last
+    steps of the base's schedule (tasks.image_to_image)."""
+
+    name = "sdxl-refiner"
+    text_encoders = ("text_encoder_2",)
+    required = ("text_encoder_2", "unet", "vae_decoder")
+    refines = True
+
+    def text_states(self, engines, manifest, token_ids, masks=None):
+        h2, pooled = run_text_encoder(engines, manifest, "text_encoder_2", token_ids[0], masks and masks[0])[:2]
+        return [h2], pooled
+
+    def negative_for_empty_prompt(self, positive, manifest):
+        return positive.zeros_like() if manifest.get("force_zeros_for_empty_prompt", False) else None
+
+    def unet_conditioning(self, cond, manifest, req):
+        # original_size + crops_coords_top_left + (aesthetic score,): the negative score on the negative rows
+        h, w = req.height, req.width
+        rows = [[h, w, 0, 0, req.aesthetic_score]] * req.batch
+        if req.cfg:
+            rows = [[h, w, 0, 0, req.negative_aesthetic_score]] * req.batch + rows
+        return [cond.hidden, cond.pooled, np.array(rows, dtype=np.float32)]
