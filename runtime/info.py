@@ -23,6 +23,8 @@ def describe(model_dir: str | Path) -> str:
         + f", VAE scale {m['vae_scale_factor']} (scaling factor {m['vae_scaling_factor']}"
         + (f", shift {m['vae_shift_factor']}" if m.get("vae_shift_factor") is not None else "")
         + ")",
+        *([f"  VAE {m['vae']['class']}" + (f" from {m['vae']['source']}" if m["vae"].get("source") else "")
+           + (f", tiles {m['vae']['tiling']['sample_size']} px" if m["vae"].get("tiling") else "")] if m.get("vae") else []),
         f"  scheduler {m.get('scheduler_class')}; tokenizer max length {m['tokenizers'][0]['max_length']}",
         *(["  generation defaults: " + ", ".join(f"{k} {v}" for k, v in m["generation_defaults"].items())]
           if m.get("generation_defaults") else []),

@@ -2,7 +2,8 @@
 
 ``select`` turns a backend name into one engine per component of a model directory:
 ``auto`` (TensorRT when a usable engine for this GPU is present, else ONNX Runtime CUDA when
-onnxruntime-gpu and a GPU are present, else the CPU), ``ort-cpu``, ``ort-cuda``, ``tensorrt``.
+onnxruntime-gpu and a GPU are present, else the CPU), ``ort-cpu``, ``ort-cuda``, ``tensorrt``,
+``openvino`` (OpenVINO on the CPU); each at a ``precision`` (runtime/precision.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from .base import BackendUnavailable, Engine
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt")
-_ALIASES = {"cpu": "ort-cpu", "cuda": "ort-cuda", "onnxruntime": "ort-cpu", "trt": "tensorrt"}
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "tensorrt", "openvino")
+_ALIASES = {"cpu": "ort-cpu", "cuda": "ort-cuda", "onnxruntime": "ort-cpu", "trt": "tensorrt", "ov": "openvino"}
 
 
 class LazyEngine:
@@ -60,6 +61,12 @@ def resolve_backend(name: str, model_dir: Path | None = None, manifest: dict | N
 
         tensorrt_records(model_dir, manifest, strict=True)  # BackendUnavailable says what is missing
         return name
+    if name == "openvino":
+        from .openvino import openvino_available
+
+        if not openvino_available():
+            raise BackendUnavailable("the openvino backend needs OpenVINO: pip install 'sdrt[openvino]'")
+        return name
     if name == "auto":
         from .tensorrt import tensorrt_records
 
@@ -72,15 +79,22 @@ def resolve_backend(name: str, model_dir: Path | None = None, manifest: dict | N
 
 
 def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = None,
-           low_memory: bool = False, cuda_graph: bool = False) -> tuple[str, dict]:
+           low_memory: bool = False, cuda_graph: bool = False, precision: str = "fp32") -> tuple[str, dict]:
     """(resolved backend name, {component: Engine}) for every component in the manifest.
+    ``precision``: fp32, bf16 or int8 (runtime/precision.py), refused in one line where the backend or this
+    CPU cannot run it fast; ``auto`` with bf16 picks OpenVINO.
     What only some tasks need (the VAE encoder) opens on first use (engines.opens_lazily);
     ``low_memory`` opens every engine lazily (the pipeline closes each after its stage).
     ``cuda_graph`` (TensorRT): capture the UNet call once and replay it each step."""
     from ..engines import opens_lazily
     from .onnxruntime import OrtEngine, cuda_available
 
+    from ..precision import FixedWeights, check, component_records
+
+    if _ALIASES.get(backend, backend) == "auto" and precision == "bf16":
+        backend = "openvino"
     kind = resolve_backend(backend, model_dir, manifest)
+    check(kind, precision)
     if kind == "tensorrt":
         from .tensorrt import open_engines, tensorrt_records
 
@@ -95,10 +109,22 @@ def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = 
         return kind, open_engines(model_dir, manifest, records, cuda_graph=cuda_graph, low_memory=low_memory,
                                   fallback=None if strict else fallback)
     provider = "cuda" if kind == "ort-cuda" else "cpu"
-    engines = {}
-    for name, rec in manifest["components"].items():
-        def open_engine(weights=None, name=name, rec=rec):
+    if kind == "openvino":
+        from .openvino import OvEngine
+
+        def make(name, rec, weights):
+            return OvEngine(name, model_dir, rec, threads=threads, precision=precision, weights=weights)
+    else:
+        def make(name, rec, weights):
             return OrtEngine(name, model_dir, rec, provider=provider, threads=threads, weights=weights)
+    engines = {}
+    for name, rec in component_records(model_dir, manifest, precision, kind).items():
+        def open_engine(weights=None, name=name, rec=rec):
+            if rec.get("precision") != "int8":
+                return make(name, rec, weights)
+            engine = FixedWeights(make(name, rec, None))
+            engine.set_weights(weights or {})  # LoRA on a quantized graph: refused
+            return engine
 
         engines[name] = LazyEngine(name, open_engine) if opens_lazily(name, low_memory) else open_engine()
     return kind, engines
