@@ -103,6 +103,8 @@ def _lora_spec(spec: str) -> tuple[str, float]:
 def _cmd_generate(args) -> int:
     import warnings
 
+    import numpy as np
+
     from sdrt.runtime.errors import GenerationError, SdrtError
     from sdrt.runtime.images import output_paths, save_png
     from sdrt.runtime.pipeline import Pipeline
@@ -118,6 +120,9 @@ def _cmd_generate(args) -> int:
         if path and not Path(path).is_file():
             raise UserError(f"{flag} {path} does not exist")
     loras = [_lora_spec(spec) for spec in args.lora or ()]
+    if args.refiner:
+        args.refiner_start = 0.8 if args.refiner_start is None else args.refiner_start
+        _check_refiner(model, args)
     try:
         pipe = Pipeline.load(model, backend=args.backend, cuda_graph=args.cuda_graph)
         if loras:
@@ -143,27 +148,20 @@ def _cmd_generate(args) -> int:
     # Record the seed actually used, so the PNG's parameters reproduce the image.
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
 
+    common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  num_images_per_prompt=args.num_images or 1, scheduler=args.scheduler,
+                  scheduler_config=png.get("scheduler_config"), callback=progress,
+                  prompt_syntax=None if args.prompt_syntax in (None, "none") else args.prompt_syntax)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
         try:
-            result = pipe(
-                args.prompt,
-                negative_prompt=args.negative_prompt,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                height=args.height,
-                width=args.width,
-                num_images_per_prompt=args.num_images or 1,
-                seed=seed,
-                scheduler=args.scheduler,
-                scheduler_config=png.get("scheduler_config"),
-                image=args.init_image,
-                mask_image=args.mask,
-                strength=args.strength,
-                callback=progress,
-                prompt_syntax=None if args.prompt_syntax in (None, "none") else args.prompt_syntax,
-            )
+            generator = np.random.default_rng(seed)  # one noise source for the base and the refiner, as in diffusers
+            hand_off = dict(denoising_end=args.refiner_start, output_type="latent") if args.refiner else {}
+            result = pipe(args.prompt, height=args.height, width=args.width, generator=generator, image=args.init_image,
+                          mask_image=args.mask, strength=args.strength, **common, **hand_off)
+            if args.refiner:
+                result = _refine(pipe, args, result, generator, common, bars)
         except GenerationError as e:
             raise UserError(_as_flags(str(e))) from e
         except SdrtError as e:  # NaN, shapes outside an engine's profile, a component that cannot open
@@ -171,7 +169,9 @@ def _cmd_generate(args) -> int:
         finally:
             for bar in bars:
                 bar.close()
-    params = dict(result.parameters)
+    params = dict(result.parameters, seed=seed)
+    if args.refiner:
+        params.update(refiner=str(Path(args.refiner).absolute()), refiner_start=args.refiner_start)
     params.update({k: v for k, v in (("init_image", args.init_image), ("mask", args.mask),
                                      ("loras", [[p, w] for p, w in loras])) if v})
     from sdrt import __version__
@@ -185,11 +185,41 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _check_refiner(model, args) -> None:
+    """--refiner: a refiner for this base, and a start in (0, 1), before anything is loaded."""
+    from sdrt.runtime.errors import GenerationError, SdrtError
+    from sdrt.runtime.families import check_hand_off
+    from sdrt.runtime.manifest import load_manifest
+
+    if not 0.0 < args.refiner_start < 1.0:
+        raise UserError(f"--refiner-start must be in (0, 1), the fraction of the steps the base runs; got {args.refiner_start}")
+    if args.mask:
+        raise UserError("--refiner is for text to image and image to image, not inpainting (--mask)")
+    try:
+        check_hand_off(load_manifest(model), load_manifest(args.refiner), where=f"--refiner {args.refiner}")
+    except (GenerationError, SdrtError) as e:
+        raise UserError(str(e)) from e
+
+
+def _refine(base, args, result, generator, common: dict, bars):
+    """The base's latents (stopped at --refiner-start) through the refiner from there; the base is released first."""
+    from sdrt.runtime.pipeline import Pipeline
+
+    base.close()
+    refiner = Pipeline.load(args.refiner, backend=args.backend, cuda_graph=args.cuda_graph)
+    bars.clear()  # the refiner's own progress bar
+    try:
+        return refiner(args.prompt, image=result.images, denoising_start=args.refiner_start, generator=generator, **common)
+    finally:
+        refiner.close()
+
+
 # `sdrt generate` flags -> the keys of the record a PNG carries (images.read_parameters) that --from-png reads
 _PNG_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_inference_steps",
               "guidance": "guidance_scale", "seed": "seed", "height": "height", "width": "width",
               "scheduler": "scheduler", "strength": "strength", "prompt_syntax": "prompt_syntax",
-              "init_image": "init_image", "mask": "mask", "num_images": "num_images"}
+              "init_image": "init_image", "mask": "mask", "num_images": "num_images", "refiner": "refiner",
+              "refiner_start": "refiner_start"}
 
 
 def _from_png(args) -> dict:
@@ -366,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply a LoRA (safetensors file or diffusers folder) at SCALE (default 1); repeatable")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode (and encode) in overlapping tiles, as diffusers' vae.enable_tiling(): less memory for large images")
+    p.add_argument("--refiner", metavar="DIR",
+                   help="SDXL: hand the base's latents to this refiner model directory for the last steps")
+    p.add_argument("--refiner-start", type=float,
+                   help="with --refiner: the fraction of the schedule the base runs (default 0.8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 

@@ -113,3 +113,34 @@ def test_hand_off_errors(pipes):
         refiner(PROMPT, image=lat, denoising_start=0.9999, num_inference_steps=2)
     with pytest.raises(GenerationError, match="aesthetic_score must be a finite number"):
         refiner(PROMPT, image=lat, denoising_start=0.5, aesthetic_score=float("nan"), num_inference_steps=4)
+
+
+def test_cli_refiner(model_dir, pipes, tmp_path, capsys):
+    """`sdrt generate --refiner DIR --refiner-start F`: the base's latents through the refiner, the same image as
+    the two Python calls sharing one noise source; a refiner that is not one, or a base it cannot refine: one line."""
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    base, refiner = pipes
+    out = tmp_path / "refined.png"
+    args = ["generate", PROMPT, "--model", str(model_dir("sdxl")), "--steps", str(STEPS), "--seed", "4", "--quiet",
+            "--backend", "ort-cpu", "--scheduler", "dpm++2m"]
+    assert main(args + ["--out", str(out), "--refiner", str(model_dir("sdxl-refiner")), "--refiner-start", "0.7"]) == 0
+    gen = np.random.default_rng(4)
+    latents = base(PROMPT, num_inference_steps=STEPS, scheduler="dpm++2m", generator=gen, denoising_end=0.7,
+                   output_type="latent").images
+    expected = refiner(PROMPT, image=latents, num_inference_steps=STEPS, scheduler="dpm++2m", generator=gen,
+                       denoising_start=0.7).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    # --from-png finds the refiner again
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(out), "--out", str(again), "--quiet", "--backend", "ort-cpu"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "x.png"), "--refiner", str(model_dir("sdxl"))]) == 1
+    assert "not an SDXL refiner" in capsys.readouterr().err
+    assert main(["generate", PROMPT, "--model", str(model_dir("sd1")), "--out", str(tmp_path / "y.png"),
+                 "--refiner", str(model_dir("sdxl-refiner"))]) == 1
+    assert "this base is a sd1 model" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
