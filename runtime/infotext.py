@@ -55,6 +55,7 @@ def create_infotext(params: dict) -> str:
         "CFG scale": params.get("guidance_scale"),
         "Seed": params.get("seed"),
         "Size": size,
+        "Model hash": params.get("model_hash"),
         "Model": params.get("model"),
         "Denoising strength": params.get("strength"),
         "Lora hashes": params.get("lora_hashes"),

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from sdrt.runtime import a1111
+from sdrt.runtime.infotext import create_infotext
 
 from .common import (bad, check_count, check_guidance, check_size, check_steps, check_strength, decode_image,
                      encode_image, random_seed, run_job)
@@ -108,15 +109,12 @@ def _job(request: Request, body: Txt2Img, image=None, mask=None, strength=None) 
     return job, seeds, sampler
 
 
-def _infotext(job: Job, sampler: str, schedule: str, seed: int, model: tuple[str, str], strength) -> str:
-    """The webui's create_infotext: the prompt, its negative, then "Key: value" pairs."""
-    params = {"Steps": job.steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": job.guidance,
-              "Seed": seed, "Size": f"{job.width}x{job.height}", "Model hash": model[1], "Model": model[0],
-              "Denoising strength": strength, "Version": f"sdrt {_version()}"}
-    pairs = ", ".join(f"{k}: {json.dumps(v) if isinstance(v, str) and ',' in v else v}"
-                      for k, v in params.items() if v is not None)
-    negative = f"\nNegative prompt: {job.negative_prompt}" if job.negative_prompt else ""
-    return f"{job.prompt}{negative}\n{pairs}"
+def _infotext(job: Job, scheduler: str, seed: int, model: tuple[str, str], strength) -> str:
+    """The webui's create_infotext for one image of the job (runtime/infotext.py, as sdrt's PNGs carry it)."""
+    return create_infotext({"prompt": job.prompt, "negative_prompt": job.negative_prompt, "num_inference_steps": job.steps,
+                            "scheduler": scheduler, "guidance_scale": job.guidance, "seed": seed, "width": job.width,
+                            "height": job.height, "model_hash": model[1], "model": model[0], "strength": strength,
+                            "version": f"sdrt {_version()}"})
 
 
 def _version() -> str:
@@ -130,7 +128,7 @@ async def _answer(request: Request, body: Txt2Img, job: Job, seeds: list[int], p
     sampler, schedule = a1111.sampler_name(result.scheduler)
     model = model_name_and_hash(request)
     strength = job.strength if job.image is not None else None
-    infotexts = [_infotext(job, sampler, schedule, s, model, strength) for s in seeds]
+    infotexts = [_infotext(job, result.scheduler, s, model, strength) for s in seeds]
     images = []
     if body.send_images:
         images = await run_in_threadpool(lambda: [encode_image(im, "png", {"parameters": t})
