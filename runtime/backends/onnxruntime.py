@@ -67,6 +67,20 @@ def _writable_cache_root(model_dir: Path) -> Path | None:
     return None
 
 
+def _materialize(values: dict, threads: int) -> dict[str, np.ndarray]:
+    """name -> array, made from arrays or functions making them (LoRA merges: a read, a rank-r product and an
+    add each, which release the GIL) on ``threads`` threads."""
+    def make(v):
+        return np.ascontiguousarray(v() if callable(v) else v)
+
+    if threads < 2 or len(values) < 2:
+        return {n: make(v) for n, v in values.items()}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return dict(zip(values, pool.map(make, values.values())))
+
+
 def _relaid_value(value, layout: str, block: int) -> np.ndarray:
     from .nchwc import reorder
 
@@ -146,7 +160,7 @@ class OrtEngine:
         opts.enable_cpu_mem_arena = False
         opts.graph_optimization_level = level
         if overrides:
-            self._held = {n: np.ascontiguousarray(v() if callable(v) else v) for n, v in overrides.items()}
+            self._held = _materialize(overrides, self.threads)
             names = list(self._held)
             opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(self._held[n]) for n in names])
         if save_to is not None:
