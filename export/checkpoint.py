@@ -39,6 +39,7 @@ class Checkpoint:
     tokenizer_2: object = None
     extras: dict = field(default_factory=dict)
     vae_source: Path | None = None  # the --vae folder the VAE came from (None: the checkpoint's own)
+    controlnets: list = field(default_factory=list)  # --controlnet folders, loaded (export/controlnet.py)
 
 
 def _read_json(path: Path) -> dict:

@@ -31,7 +31,7 @@ class TensorSpec:
 
 @dataclass
 class Component:
-    name: str  # folder in the model directory
+    name: str  # the component's key in the manifest; its folder in the model directory unless ``folder``
     module: torch.nn.Module
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -44,6 +44,10 @@ class Component:
     graph_outputs: list[TensorSpec] | None = None
     # inputs a caller may leave out: name -> the value the graph uses then (an initializer of that name)
     defaults: dict = field(default_factory=dict)
+    # the folder in the model directory when not ``name`` (a ControlNet's: controlnet/<name>)
+    folder: str | None = None
+    # the config.json written beside the graph when not the checkpoint module's (exporter.component_config)
+    config: dict | None = None
 
     @property
     def all_outputs(self) -> list[TensorSpec]:

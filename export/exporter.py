@@ -23,6 +23,7 @@ from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, check_generatio
 from . import families, onnx_graph, weights
 from .tokenizer_files import CLASSIC_FILES, write_classic_files
 from .checkpoint import Checkpoint, CheckpointError, inspect_vae, load_checkpoint
+from .controlnet import inspect_controlnets, load_controlnets
 from .validate import FP16_MAX_REL, FP32_MAX_REL, ValidationError, validate
 
 
@@ -100,12 +101,14 @@ def export_model(
     opset: int = onnx_graph.OPSET,
     generation_defaults: dict | None = None,
     vae: str | os.PathLike | None = None,
+    controlnets: list | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Export ``checkpoint`` to the model directory ``out``; returns the manifest written.
     ``generation_defaults`` ({"guidance_scale": ..., "num_inference_steps": ...}) are recorded in the
     manifest: the runtime uses them when a call does not give those settings. ``vae``: a diffusers
-    AutoencoderKL or AutoencoderTiny folder exported instead of the checkpoint's own VAE (diffusers' vae=)."""
+    AutoencoderKL or AutoencoderTiny folder exported instead of the checkpoint's own VAE (diffusers' vae=).
+    ``controlnets``: diffusers ControlNetModel folders exported beside the model (export/controlnet.py)."""
     out = Path(out).absolute()
     try:
         generation_defaults = check_generation_defaults(generation_defaults or {})
@@ -113,10 +116,12 @@ def export_model(
         raise ExportError(str(e)) from e
     if vae is not None:
         inspect_vae(vae)  # a folder that is not a VAE is refused before anything is written
+    controlnet_sources = inspect_controlnets(controlnets, checkpoint, config)  # so is a ControlNet that does not fit
     _check_target(out, overwrite)
     t0 = time.perf_counter()
     log(f"loading {checkpoint}")
     ckpt = load_checkpoint(checkpoint, config, vae=vae)
+    ckpt.controlnets = load_controlnets(controlnet_sources)
     log(f"  family {ckpt.family}, task {ckpt.task}, loaded in {time.perf_counter() - t0:.1f}s"
         + (f"; VAE: {type(ckpt.vae).__name__} from {ckpt.vae_source}" if ckpt.vae_source else ""))
 
@@ -191,8 +196,9 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
         half = fp16 and (not comp.name.startswith("vae") or fp16_vae)
         t = time.perf_counter()
         log(f"[{n}/{len(comps)}] {comp.name}: exporting{' (fp16)' if half else ''}")
-        dest = work / comp.name
-        dest.mkdir()
+        folder = comp.folder or comp.name
+        dest = work / folder
+        dest.mkdir(parents=True)
         lora = comp.name in weights.LORA_COMPONENTS
         external = onnx_graph.export_graph(comp, dest / "model.onnx", opset, fp16=half, lora=lora)
         release_memory()
@@ -213,11 +219,11 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
                 f"(limit {limit:.0e} for {'fp16' if half else 'fp32'}); the export is not faithful"
             )
         size = sum(f.stat().st_size for f in dest.iterdir())
-        write_json_atomic(dest / CONFIG_NAME, component_config(ckpt, comp.name))
+        write_json_atomic(dest / CONFIG_NAME, comp.config if comp.config is not None else component_config(ckpt, comp.name))
         records[comp.name] = {
-            "file": f"{comp.name}/model.onnx",
-            "config": f"{comp.name}/{CONFIG_NAME}",
-            "external_data": f"{comp.name}/{onnx_graph.EXTERNAL_DATA_NAME}" if external else None,
+            "file": f"{folder}/model.onnx",
+            "config": f"{folder}/{CONFIG_NAME}",
+            "external_data": f"{folder}/{onnx_graph.EXTERNAL_DATA_NAME}" if external else None,
             "inputs": [s.as_dict() for s in comp.inputs],
             "outputs": [s.as_dict() for s in comp.outputs],
             "precision": "fp16" if half else "fp32",
@@ -225,7 +231,7 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
             "size_bytes": size,
             "sha256": sha256_file(dest / "model.onnx"),
             "external_data_sha256": sha256_file(dest / onnx_graph.EXTERNAL_DATA_NAME) if external else None,
-            **({"weights": f"{comp.name}/{weights.WEIGHTS_NAME}"} if lora else {}),
+            **({"weights": f"{folder}/{weights.WEIGHTS_NAME}"} if lora else {}),
             "validation": val,
         }
         err = f"max abs {val['max_abs_error']:.2e}, rel {val['max_rel_error']:.2e}" if "max_abs_error" in val else val["skipped"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from sdrt.runtime.manifest import INPAINTING, TEXT_TO_IMAGE
 
 from .checkpoint import Checkpoint, CheckpointError
+from .controlnet import controlnet_facts
 
 
 # Pipelines of other architectures, named so the error can say what the checkpoint is.
@@ -61,6 +62,7 @@ class StableDiffusion:
     loaders = {TEXT_TO_IMAGE: "StableDiffusionPipeline", INPAINTING: "StableDiffusionInpaintPipeline"}
     load_kwargs = dict(safety_checker=None, requires_safety_checker=False)  # the safety checker is not exported
     checkpoint_folders = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+    takes_controlnet = True  # diffusers' StableDiffusion[XL]ControlNet*Pipeline run this family with ControlNets
 
     def __init__(self, name: str, title: str, openclip: bool):
         self.name, self.title, self.openclip = name, title, openclip
@@ -113,7 +115,10 @@ class StableDiffusion:
 
         text = self.text_encoder_components(ckpt, max_length, ids)
         ctx_dim = sum(c.outputs[0].shape[-1] for c in text)  # hidden states concatenated on features
-        return text + [self.unet_component(ckpt, max_length, ctx_dim)] + vae_components(ckpt)
+        from .controlnet import controlnet_components
+
+        return (text + [self.unet_component(ckpt, max_length, ctx_dim)] + vae_components(ckpt)
+                + controlnet_components(self, ckpt, max_length, ctx_dim))
 
     def text_encoder_components(self, ckpt: Checkpoint, L: int, ids) -> list:
         from .components import BATCH, TensorSpec, TextEncoderOutputs, text_encoder_component
@@ -183,6 +188,7 @@ class StableDiffusion:
             "native_resolution": int(unet.sample_size) * vae_scale,
             "scheduler_class": ckpt.scheduler_config.get("_class_name"),
             "vae": vae_facts(ckpt.vae, ckpt.vae_source),
+            **controlnet_facts(ckpt),
         }
 
 
@@ -286,6 +292,7 @@ class StableDiffusionXLRefiner(StableDiffusionXL):
     loaders = {TEXT_TO_IMAGE: "StableDiffusionXLImg2ImgPipeline"}
     checkpoint_folders = ("text_encoder_2", "tokenizer_2", "unet", "vae", "scheduler")
     TIME_IDS = 5
+    takes_controlnet = False
 
     def __init__(self):
         StableDiffusion.__init__(self, "sdxl-refiner", "Stable Diffusion XL refiner", openclip=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdrt.runtime.engines import GUIDED, onnx_hashes
+from sdrt.runtime.engines import is_guided, onnx_hashes
 from sdrt.runtime.errors import SdrtError
 
 
@@ -121,7 +121,7 @@ def dim_ranges(manifest: dict, component: str, ranges: Ranges) -> dict[str, tupl
     is one chunk of the tokenizer's max length (77), up to MAX_TEXT_CHUNKS of them (one with --static)."""
     f = int(manifest.get("vae_scale_factor", 8))
     b = ranges.batch
-    if component in GUIDED:
+    if is_guided(component):
         b = (2 * b[0], 2 * b[1], 2 * b[2]) if ranges.static else (b[0], 2 * b[1], 2 * b[2])
     chunk = int(manifest.get("tokenizers", [{}])[0].get("max_length", 77))
     return {
@@ -146,13 +146,22 @@ def component_profile(manifest: dict, component: str, ranges: Ranges) -> dict[st
             if isinstance(d, int):
                 for k in shapes:
                     shapes[k].append(d)
-            elif d in dims:
+            elif d in dims or _derived(d, dims):
                 for i, k in enumerate(("min", "opt", "max")):
-                    shapes[k].append(int(dims[d][i]))
+                    shapes[k].append(int((dims.get(d) or _derived(d, dims))[i]))
             else:
                 raise RangeError(f"{component} input {t['name']} has a dimension {d!r} that sdrt build does not know how to size")
         profile[t["name"]] = shapes
     return profile
+
+
+def _derived(d: str, dims: dict) -> tuple | None:
+    """A dimension named ``latent_height/k`` (a UNet feature map after stride-2 downsamplings, as ControlNet
+    residuals are: rounded up) from its base's range; None for any other name."""
+    base, _, k = d.partition("/")
+    if base not in dims or not k.isdigit() or int(k) < 1:
+        return None
+    return tuple(-(-v // int(k)) for v in dims[base])
 
 
 def profiles(manifest: dict, components: list[str], ranges: Ranges) -> dict[str, dict]:

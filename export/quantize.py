@@ -101,9 +101,10 @@ def _quantize_ort(src: Path, out: Path, samples: list[dict], large: bool) -> Non
         str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
-        # MatMulConstBOnly: attention's QK^T and attn·V stay float; CalibMaxIntermediateOutputs: the MinMax
-        # ranges are reduced every few samples, so calibration memory stays that of a few UNet calls
-        extra_options={"MatMulConstBOnly": True, "CalibMaxIntermediateOutputs": 4},
+        # MatMulConstBOnly: attention's QK^T and attn·V stay float. (MinMax calibration keeps only each tensor's
+        # reduced min and max per sample, so its memory is small; ORT 1.32's CalibMaxIntermediateOutputs drops
+        # the ranges it has gathered when it flushes, so it is not used.)
+        extra_options={"MatMulConstBOnly": True},
     )
 
 
@@ -129,6 +130,9 @@ def _quantize_nncf(src: Path, out: Path, samples: list[dict]) -> None:
         import openvino as ov
     except ImportError as e:
         raise QuantizeError(f"--method nncf needs nncf and OpenVINO ({e}); pip install 'sdrt[openvino]'") from e
+    import logging
+
+    logging.getLogger("nncf").setLevel(logging.ERROR)  # its per-node tables of what it ignored
     model = ov.Core().read_model(str(src))
     matmuls = _weighted_matmuls(model)
     model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
@@ -136,7 +140,8 @@ def _quantize_nncf(src: Path, out: Path, samples: list[dict]) -> None:
     model = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples),
                           model_type=nncf.ModelType.TRANSFORMER,
                           ignored_scope=nncf.IgnoredScope(names=matmuls, validate=False),
-                          advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1))
+                          advanced_parameters=nncf.AdvancedQuantizationParameters(
+                              smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)))
     ov.save_model(model, str(out), compress_to_fp16=False)
 
 

@@ -12,6 +12,10 @@ text_time embeddings) are small (an export takes seconds); ``sd1-inpaint``, ``sd
 latents) under diffusers' inpainting pipeline classes; ``sd1-full`` has the real Stable Diffusion
 1.5 sizes (UNet ~860M parameters) for export and benchmark work at scale.
 
+A ControlNet folder, for ``sdrt export CHECKPOINT --controlnet DIR``: ``controlnet --from CHECKPOINT``
+(``ControlNetModel.from_unet`` of the checkpoint's UNet, its zero-initialized convolutions given random weights
+so that it acts; SD 1.x/2.x and SDXL alike).
+
 VAE folders alone, for ``sdrt export CHECKPOINT --vae DIR``: ``kl-vae`` (a small AutoencoderKL other than
 the checkpoints' own: other weights, scaling factor and tile size, as an fp16-safe VAE would be),
 ``taesd`` (a small AutoencoderTiny) and ``taesd-full`` (AutoencoderTiny at TAESD's real size).
@@ -38,6 +42,7 @@ from .tokenizer_files import write_classic_files
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd1-inpaint", "sd2-inpaint", "sdxl-inpaint", "sdxl-refiner", "sd1-full")
 VAES = ("kl-vae", "taesd", "taesd-full")
+CONTROLNET = "controlnet"
 INPAINT_SUFFIX = "-inpaint"
 
 # The scheduler configs exactly as the public checkpoints ship them.
@@ -455,19 +460,51 @@ def _perturb_zero_init(module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
+def build_controlnet(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0,
+                     strength: float = 1.0) -> Path:
+    """Write a random-weight diffusers ControlNetModel for the checkpoint's UNet to ``out_dir``:
+    ``ControlNetModel.from_unet`` (the UNet's weights and config), with the convolutions diffusers zero-initializes
+    (``controlnet_down_blocks``, ``controlnet_mid_block``, the conditioning embedding's ``conv_out``) given random
+    weights at ``strength`` times a fresh convolution's scale, so that it changes the image (a zero-initialized
+    ControlNet adds nothing and proves nothing). Deterministic in ``seed``."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(checkpoint) / "unet")
+    controlnet = ControlNetModel.from_unet(unet).eval()
+    g = torch.Generator().manual_seed(seed + 11)
+    zero = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+            controlnet.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zero:
+            fan_in = conv.weight[0].numel()
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * strength / fan_in ** 0.5)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * 0.1 * strength)
+    controlnet.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sdrt.export.testing", description=__doc__.split("\n")[0])
-    ap.add_argument("family", choices=FAMILIES + VAES)
+    ap.add_argument("family", choices=FAMILIES + VAES + (CONTROLNET,))
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--from", dest="source", metavar="CHECKPOINT",
+                    help="controlnet: the diffusers checkpoint whose UNet the ControlNet is made from")
     args = ap.parse_args(argv)
+    if (args.family == CONTROLNET) != (args.source is not None):
+        ap.error("--from CHECKPOINT is needed by controlnet, and only by it")
     try:
-        build = build_vae if args.family in VAES else build_checkpoint
-        path = build(args.family, args.out_dir, args.seed)
+        if args.family == CONTROLNET:
+            path = build_controlnet(args.source, args.out_dir, args.seed)
+        else:
+            build = build_vae if args.family in VAES else build_checkpoint
+            path = build(args.family, args.out_dir, args.seed)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.family} {'VAE' if args.family in VAES else 'checkpoint'} to {path}")
+    kind = "VAE" if args.family in VAES else "ControlNet" if args.family == CONTROLNET else "checkpoint"
+    print(f"wrote {args.family} {kind} to {path}")
     return 0
 
 

@@ -16,15 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EngineMismatch, ShapeOutsideProfile  # noqa: F401  (re-exported)
+from .controlnet import CONTROLNET_UNET, is_controlnet
 from .families import FAMILIES
 
 ENGINES_DIR = "engines"
 PLAN_SUFFIX = ".plan"
-# Components whose batch is the UNet's: doubled under classifier-free guidance.
-GUIDED = ("unet",)
+# Components whose batch is the UNet's: doubled under classifier-free guidance (and every ControlNet: is_guided).
+GUIDED = ("unet", CONTROLNET_UNET)
 # Components the pipeline needs for every call (the families' required ones); the VAE encoder only for
 # image to image and inpainting.
 REQUIRED_AT_LOAD = tuple(dict.fromkeys(c for fam in FAMILIES.values() for c in fam.required))
+
+
+def is_guided(component: str) -> bool:
+    """Whether ``component`` runs at the UNet's batch (2 x images under classifier-free guidance)."""
+    return component in GUIDED or is_controlnet(component)
 
 
 def opens_lazily(component: str, low_memory: bool = False) -> bool:
@@ -215,7 +221,7 @@ def _outside_message(component, name, dim, v, lo, hi, model_dir, f) -> str:
             f"rebuild with sdrt build {model_dir} {flag}"
         )
     if dim == "batch":
-        if component in GUIDED:
+        if is_guided(component):
             images = math.ceil(v / 2)
             what = f"batch {v} (the UNet runs 2 x images under classifier-free guidance)"
             rng = f"{lo}..{hi} (up to {hi // 2} images with guidance)"

@@ -42,10 +42,11 @@ def _size(image) -> tuple[int, int] | None:
     return None
 
 
-def load_image(image, height: int, width: int, what: str = "init image") -> np.ndarray:
+def load_image(image, height: int, width: int, what: str = "init image", normalize: bool = True) -> np.ndarray:
     """An init image -> (N, 3, H, W) float32 in [-1, 1], as diffusers' VaeImageProcessor.preprocess:
     a path or PIL image is resized (Lanczos) to height x width; numpy input (N, H, W, 3) or
-    (H, W, 3) in [0, 1] is taken as is."""
+    (H, W, 3) in [0, 1] is taken as is. ``normalize=False`` keeps [0, 1] (a ControlNet's control image:
+    diffusers' control_image_processor, do_normalize=False)."""
     from PIL import Image
 
     image = open_image(image, what)
@@ -63,7 +64,8 @@ def load_image(image, height: int, width: int, what: str = "init image") -> np.n
             raise GenerationError(f"the {what} is {arr.shape[2]}x{arr.shape[1]}, the call asks for {width}x{height}")
     else:
         raise GenerationError(f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}")
-    return (arr.transpose(0, 3, 1, 2) * 2.0 - 1.0).astype(np.float32)
+    arr = arr.transpose(0, 3, 1, 2)
+    return (arr * 2.0 - 1.0).astype(np.float32) if normalize else np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def load_mask(mask, height: int, width: int, image=None) -> np.ndarray:

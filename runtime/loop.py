@@ -1,6 +1,6 @@
 """The denoising loop, in k-diffusion's style: a model callable ``(x, t) -> prediction``, a scheduler
-and latents. Classifier-free guidance and a task's extra UNet channels are small wrappers around the
-model call; a task's per-step work (inpainting's blend) enters as an argument.
+and latents. Classifier-free guidance, a task's extra UNet channels and ControlNet residuals are small wrappers
+around the model call; a task's per-step work (inpainting's blend) enters as an argument.
 
     model = guided(unet_callable(engine, record, conditioning, timings), scale)
     latents = denoise(model, scheduler, latents, rng, start=start)
@@ -15,13 +15,14 @@ import numpy as np
 
 from .errors import NonFiniteError
 
-Model = Callable[[np.ndarray, float], np.ndarray]  # (B, C, h, w) scaled latents, timestep -> (B, C, h, w)
+Model = Callable[..., np.ndarray]  # (B, C, h, w) scaled latents, timestep[, more named UNet inputs] -> (B, C, h, w)
 
 
 def unet_callable(engine, record: dict, conditioning: list[np.ndarray], unet_times: list | None = None) -> Model:
     """The UNet engine as ``(x, t) -> prediction``. Inputs are bound by the order the manifest's record
     lists them: sample, timestep, then ``conditioning`` (the family's: hidden states, ...); the output
-    is the record's first. ``unet_times`` collects the seconds of each call."""
+    is the record's first; further named inputs (ControlNet residuals) come with each call. ``unet_times``
+    collects the seconds of each call."""
     names = [t["name"] for t in record["inputs"]]
     sample, timestep = names[0], names[1]
     # each input as its record declares it: the timestep one per row ([batch]) or one for all ([], optimum's)
@@ -31,10 +32,10 @@ def unet_callable(engine, record: dict, conditioning: list[np.ndarray], unet_tim
             for n, c, spec in zip(names[2:], conditioning, record["inputs"][2:])}
     out = record["outputs"][0]["name"]
 
-    def model(x, t):
+    def model(x, t, **inputs):
         t0 = time.perf_counter()
         ts = np.asarray(t, t_dtype) if t_scalar else np.full((len(x),), t, t_dtype)
-        y = engine(**{sample: x, timestep: ts}, **rest)[out]
+        y = engine(**{sample: x, timestep: ts}, **rest, **inputs)[out]
         if unet_times is not None:
             unet_times.append(time.perf_counter() - t0)
         return y
@@ -46,8 +47,30 @@ def with_channels(model: Model, extra: np.ndarray) -> Model:
     """Feed ``extra`` (B, E, h, w) as more input channels after the latents (an inpainting UNet's mask and
     masked-image latents), as diffusers' inpainting pipelines concatenate them after scaling."""
 
+    def wrapped(x, t, **inputs):
+        return model(np.concatenate([x, extra], axis=1), t, **inputs)
+
+    return wrapped
+
+
+def with_controlnet(model: Model, controlnets: list, scales, zeros: Callable[[np.ndarray], dict]) -> Model:
+    """ControlNet residuals (Zhang et al. 2023) as more UNet inputs: before each call, every ControlNet
+    ``(x, t) -> {name: residual}`` whose scale for this step is not 0 runs on the same latents, and its residuals,
+    times the scale, are summed in order (diffusers' MultiControlNetModel); ``zeros(x)`` when none acts.
+    ``scales`` yields one list of scales (one per ControlNet) per call: the loop calls the model once a step.
+    Wrap it inside ``guided`` (ControlNets see the 2B batch) and outside ``with_channels`` (they see the latents
+    alone, as diffusers' inpainting ControlNet pipeline feeds them)."""
+    scales = iter(scales)
+
     def wrapped(x, t):
-        return model(np.concatenate([x, extra], axis=1), t)
+        total = None
+        for net, scale in zip(controlnets, next(scales)):
+            if scale == 0.0:  # diffusers multiplies by 0: zeros either way
+                continue
+            s = np.float32(scale)
+            res = {k: v * s for k, v in net(x, t).items()}
+            total = res if total is None else {k: total[k] + v for k, v in res.items()}
+        return model(x, t, **(total if total is not None else zeros(x)))
 
     return wrapped
 

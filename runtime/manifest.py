@@ -88,12 +88,15 @@ _N = type(None)
 _TOP = {"family": str, "latent_channels": int, "vae_scale_factor": int, "vae_scaling_factor": (int, float),
         "native_resolution": int, "tokenizers": list, "components": dict, "sdrt_version?": str, "task?": str,
         "prediction_type?": str, "unet_in_channels?": int, "vae_shift_factor?": (int, float, _N), "vae?": dict,
-        "scheduler_class?": (str, _N), "engines?": (dict, _N), "force_zeros_for_empty_prompt?": bool}
+        "scheduler_class?": (str, _N), "engines?": (dict, _N), "force_zeros_for_empty_prompt?": bool,
+        "controlnets?": list, "controlnet_unet?": str}
 _TOKENIZER = {"file": str, "max_length": int, "pad_token_id?": int, "eos_token_id?": int, "bos_token_id?": (int, _N)}
 _COMPONENT = {"file": str, "inputs": list, "outputs": list, "external_data?": (str, _N), "weights?": str, "config?": str,
               "precision?": str, "size_bytes?": int, "sha256?": (str, _N), "external_data_sha256?": (str, _N)}
 _TENSOR = {"name": str, "dtype": str, "shape": list}
 _VAE = {"class": str, "tiling?": dict}  # which VAE (runtime/vae.py) and its tile sizes
+_CONTROLNET = {"name": str, "component": str, "conditioning_input": str, "residuals": list,
+               "conditioning_channels?": int}  # runtime/controlnet.py
 _ENGINE_SET = {"components": dict}
 _ENGINE = {"file": str, "sha256?": str, "size_bytes?": int, "profile?": dict}
 _NON_EMPTY = ("tokenizers", "inputs", "outputs")
@@ -166,6 +169,13 @@ def check_manifest(manifest: dict, where) -> None:
                 if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in t["shape"]):
                     raise _bad(where, f"{at}.{io}[{i}].shape", f"must list integers and dimension names, got {t['shape']!r:.60}")
         files += [(f"{at}.{k}", rec[k]) for k in ("file", "external_data", "weights", "config") if rec.get(k) is not None]
+    for i, rec in enumerate(manifest.get("controlnets") or []):
+        _check(where, rec, _CONTROLNET, f"controlnets[{i}]")
+        for key in (rec["component"], manifest.get("controlnet_unet")):
+            if key not in comps:
+                raise _bad(where, f"controlnets[{i}]", f"needs the component {key!r}, which is missing")
+        for j, t in enumerate(rec["residuals"]):
+            _check(where, t, _TENSOR, f"controlnets[{i}].residuals[{j}]")
     for key, entry in (manifest.get("engines") or {}).items():
         _check(where, entry, _ENGINE_SET, f"engines.{key}")
         for name, rec in entry["components"].items():

@@ -20,13 +20,14 @@ import numpy as np
 from .backends import select
 from .errors import GenerationError, ModelDirError, NonFiniteError  # noqa: F401  (re-exported)
 from .families import family_for
+from .controlnet import controls as make_controls, default_size as controlnet_size, records as controlnet_records
 from .images import load_image, load_mask, open_image
 from .lora import LoraMixin
 from .manifest import load_manifest
 from .optimum import imported_dir, is_optimum_dir
 from .prompts import syntax_name as prompt_syntax_name
 from .schedulers import make_scheduler
-from .stages import Request, Timings, decode, latent_shape
+from .stages import Request, Timings, decode, latent_shape, per_image
 from .tasks import TASK_NAMES, pick_task
 from .tokenizer import ClipTokenizer
 from .vae import Vae
@@ -130,6 +131,11 @@ class Pipeline(LoraMixin):
         denoising_end: float | None = None,
         aesthetic_score: float = 6.0,
         negative_aesthetic_score: float = 2.5,
+        control_image=None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
+        controlnet: str | Sequence[str] | None = None,
     ) -> PipelineOutput:
         """Generate images. ``seed`` makes a numpy Generator (``generator`` passes one directly);
         ``latents`` gives the initial noise (B, C, H/8, W/8) as in diffusers. ``image`` alone runs image to
@@ -149,8 +155,23 @@ class Pipeline(LoraMixin):
         The SDXL base -> refiner hand-off, as diffusers': ``denoising_end`` (in (0, 1)) stops the schedule at that
         fraction, and with ``output_type="latent"`` ``.images`` holds the latents (B, C, H/8, W/8); the refiner,
         given them as ``image`` with ``denoising_start`` (the same fraction), runs the rest (strength ignored).
-        ``aesthetic_score`` / ``negative_aesthetic_score`` condition a refiner's positive / negative rows."""
+        ``aesthetic_score`` / ``negative_aesthetic_score`` condition a refiner's positive / negative rows.
+
+        ControlNet, as diffusers' StableDiffusion[XL]ControlNet{,Img2Img,Inpaint}Pipeline (for each task):
+        ``control_image`` conditions the ControlNets exported beside the model (``sdrt export --controlnet``).
+        ``controlnet`` picks them: None uses every one, in export order (``pipe.controlnets`` lists them), a name or
+        a list of names those. With one ControlNet, ``control_image`` is an image (path, PIL, numpy (H, W, 3) in
+        [0, 1]) or a list of them (one per prompt); with several, a list of one such entry per ControlNet. Their
+        residuals are scaled by ``controlnet_conditioning_scale`` (a number or one per ControlNet) and summed; each
+        acts from ``control_guidance_start`` to ``control_guidance_end`` (fractions of the steps; a number or one per
+        ControlNet). Text to image without height/width takes the first control image's size (rounded down to a
+        multiple of 8), as diffusers does."""
         t_start = time.perf_counter()
+        if control_image is None and controlnet is not None:
+            raise GenerationError("controlnet was given without control_image; give the image(s) to condition on")
+        if control_image is not None and image is None and (height is None or width is None):
+            h, w = controlnet_size(self.manifest, control_image, controlnet)
+            height, width = height or h, width or w
         task = pick_task(self.manifest, image, mask_image, refines=self.family.refines)
         if strength is None:
             strength = 1.0 if mask_image is not None else 0.8
@@ -162,6 +183,9 @@ class Pipeline(LoraMixin):
                             hand_off=dict(denoising_start=denoising_start, denoising_end=denoising_end,
                                           aesthetic_score=aesthetic_score,
                                           negative_aesthetic_score=negative_aesthetic_score))
+        if control_image is not None:
+            req.controls = self._controls(req, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                          control_guidance_end, controlnet)
         latents = task(self, req)
         images = latents if output_type == "latent" else decode(self, latents, req)
         timings = req.timings
@@ -184,6 +208,8 @@ class Pipeline(LoraMixin):
             **({"aesthetic_score": req.aesthetic_score, "negative_aesthetic_score": req.negative_aesthetic_score}
                if self.family.refines else {}),
             "task": TASK_NAMES[task],
+            **({"controlnets": [{"name": c.name, "scale": c.scale, "start": c.start, "end": c.end} for c in req.controls]}
+               if req.controls else {}),
             "model": self.name,
             "backend": self.backend,
             **({"precision": self.precision} if self.precision != "fp32" else {}),
@@ -263,6 +289,22 @@ class Pipeline(LoraMixin):
             if req.latents.shape != shape:
                 raise GenerationError(f"latents have shape {req.latents.shape}, expected {shape} for this batch and size")
         return req
+
+    @property
+    def controlnets(self) -> list[str]:
+        """The names of the ControlNets exported beside the model, in export order."""
+        return [r["name"] for r in controlnet_records(self.manifest)]
+
+    def _controls(self, req, control_image, scale, start, end, controlnet) -> list:
+        """The call's ControlNets (runtime/controlnet.py), their images one row per image of the batch."""
+        from dataclasses import replace
+
+        if self.get_active_adapters():
+            raise GenerationError("LoRA and ControlNet together are not supported yet (the ControlNet UNet graph does "
+                                  "not take the LoRA); unload the LoRA (pipe.unload_lora_weights()) for this call")
+        load = lambda im: load_image(im, req.height, req.width, "control image", normalize=False)  # noqa: E731
+        controls = make_controls(self.manifest, control_image, scale, start, end, controlnet, load)
+        return [replace(c, image=per_image(c.image, req, "control image")) for c in controls]
 
     def _prompt_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, pooled, negative_pooled):
         """(prompts, prompt embeddings, negative embeddings): text or diffusers' embeddings, one of the two,

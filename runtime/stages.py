@@ -24,7 +24,8 @@ class Timings:
     text_encoder: float = 0.0
     vae_encoder: float = 0.0
     unet: list = field(default_factory=list)  # one entry per UNet call
-    scheduler: float = 0.0  # everything in the loop but the UNet: guidance, scaling, step
+    controlnet: list = field(default_factory=list)  # one entry per ControlNet call
+    scheduler: float = 0.0  # everything in the loop but the UNet and ControlNets: guidance, scaling, step
     vae_decoder: float = 0.0
     total: float = 0.0
 
@@ -35,6 +36,8 @@ class Timings:
             "vae_encoder": self.vae_encoder,
             "unet_total": float(sum(self.unet)),
             "unet_per_call": [float(x) for x in self.unet],
+            **({"controlnet_total": float(sum(self.controlnet)), "controlnet_calls": len(self.controlnet)}
+               if self.controlnet else {}),
             "scheduler": self.scheduler,
             "vae_decoder": self.vae_decoder,
             "total": self.total,
@@ -46,7 +49,8 @@ class Timings:
         return (
             f"total {self.total:.2f}s: text encoder {self.tokenize + self.text_encoder:.3f}s, "
             f"UNet {sum(self.unet):.2f}s ({n} calls, {per * 1000:.1f} ms each), "
-            f"scheduler {self.scheduler * 1000:.1f} ms, "
+            + (f"ControlNet {sum(self.controlnet):.2f}s ({len(self.controlnet)} calls), " if self.controlnet else "")
+            + f"scheduler {self.scheduler * 1000:.1f} ms, "
             + (f"VAE encoder {self.vae_encoder:.2f}s, " if self.vae_encoder else "")
             + f"VAE decoder {self.vae_decoder:.2f}s"
         )
@@ -80,6 +84,7 @@ class Request:
     denoising_end: float | None = None  # the fraction of the schedule to run before handing over, or None
     aesthetic_score: float = 6.0  # the SDXL refiner's micro-conditioning (positive and negative rows)
     negative_aesthetic_score: float = 2.5
+    controls: list | None = None  # runtime/controlnet.Control, one per ControlNet of the call, or None
     timings: Timings = field(default_factory=Timings)
 
     @property
@@ -151,13 +156,21 @@ def check_text_length(manifest: dict, length: int) -> None:
         )
 
 
-def unet_model(pipe, req: Request, cond: Conditioning, extra_channels: np.ndarray | None = None) -> Model:
+def unet_model(pipe, req: Request, cond: Conditioning, extra_channels: np.ndarray | None = None,
+               start: int = 0) -> Model:
     """The UNet as the loop's model: bound to the family's conditioning, fed ``extra_channels`` (B, E, h, w)
-    after the latents when given, under classifier-free guidance when the scale asks for it."""
+    after the latents when given, under classifier-free guidance when the scale asks for it. With the request's
+    ControlNets, the UNet that takes their residuals, each ControlNet run before it (runtime/controlnet.py),
+    its scale per step counted from the loop's first step ``start``."""
+    from .controlnet import unet_component, with_controls
+
     conditioning = pipe.family.unet_conditioning(cond, pipe.manifest, req)
-    model = unet_callable(pipe.engine("unet"), pipe.manifest["components"]["unet"], conditioning, req.timings.unet)
+    unet = unet_component(pipe.manifest, req.controls)
+    model = unet_callable(pipe.engine(unet), pipe.manifest["components"][unet], conditioning, req.timings.unet)
     if extra_channels is not None:
         model = with_channels(model, np.concatenate([extra_channels] * 2) if req.cfg else extra_channels)
+    if req.controls:
+        model = with_controls(pipe, req, model, conditioning, start)
     return guided(model, req.guidance_scale) if req.cfg else model
 
 
@@ -167,11 +180,12 @@ def run_loop(pipe, req: Request, model: Model, latents: np.ndarray, *, start: in
     Under low_memory the VAE encoder (every task has encoded its images by now) and, after, the UNet
     are released."""
     pipe.done_with("vae_encoder")
-    t0, unet0 = time.perf_counter(), sum(req.timings.unet)
+    t0, unet0 = time.perf_counter(), sum(req.timings.unet) + sum(req.timings.controlnet)
     latents = denoise(model, req.scheduler, latents, req.rng, start=start, stop=stop_step(req, start),
                       after_step=after_step, callback=req.callback)
-    req.timings.scheduler += time.perf_counter() - t0 - (sum(req.timings.unet) - unet0)
-    pipe.done_with("unet")
+    req.timings.scheduler += time.perf_counter() - t0 - (sum(req.timings.unet) + sum(req.timings.controlnet) - unet0)
+    pipe.done_with("unet", *(c.record["component"] for c in req.controls or ()),
+                   *([pipe.manifest["controlnet_unet"]] if req.controls else []))
     return latents
 
 

@@ -37,7 +37,7 @@ def image_to_image(pipe, req: Request) -> np.ndarray:
     else:
         noise = req.latents if req.latents is not None else req.rng.standard_normal(init.shape, dtype=np.float32)
         latents = sched.add_noise(init, noise, start).astype(np.float32)
-    return run_loop(pipe, req, unet_model(pipe, req, cond), latents, start=start)
+    return run_loop(pipe, req, unet_model(pipe, req, cond, start=start), latents, start=start)
 
 
 def inpaint(pipe, req: Request) -> np.ndarray:
@@ -61,7 +61,7 @@ def inpaint(pipe, req: Request) -> np.ndarray:
     masked_image = req.image * (req.mask < 0.5)  # the known region, the rest grey (0 in [-1, 1])
     if concat:
         masked_latents = encode_image(pipe, masked_image, req, what="masked image")
-        model = unet_model(pipe, req, cond, extra_channels=np.concatenate([mask, masked_latents], axis=1))
+        model = unet_model(pipe, req, cond, extra_channels=np.concatenate([mask, masked_latents], axis=1), start=start)
         return run_loop(pipe, req, model, latents, start=start)
     # diffusers encodes the masked image here too, unused by a 4-channel UNet: draw its sample noise, so
     # that noise is drawn in the same order and shapes as there, without running the encoder
@@ -72,7 +72,7 @@ def inpaint(pipe, req: Request) -> np.ndarray:
         known = sched.add_noise(image_latents, noise, i + 1) if i < last else image_latents
         return ((1 - mask) * known + mask * x).astype(np.float32)
 
-    return run_loop(pipe, req, unet_model(pipe, req, cond), latents, start=start, after_step=blend)
+    return run_loop(pipe, req, unet_model(pipe, req, cond, start=start), latents, start=start, after_step=blend)
 
 
 def pick_task(manifest: dict, image, mask_image, refines: bool = False):

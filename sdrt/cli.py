@@ -40,6 +40,7 @@ def _cmd_export(args) -> int:
             opset=args.opset,
             generation_defaults=defaults,
             vae=args.vae,
+            controlnets=args.controlnet,
         )
     except (CheckpointError, ExportError) as e:
         raise UserError(str(e)) from e
@@ -124,7 +125,7 @@ def _cmd_generate(args) -> int:
         args.refiner_start = 0.8 if args.refiner_start is None else args.refiner_start
         _check_refiner(model, args)
     try:
-        pipe = Pipeline.load(model, backend=args.backend, cuda_graph=args.cuda_graph)
+        pipe = Pipeline.load(model, backend=args.backend, cuda_graph=args.cuda_graph, precision=args.precision)
         if loras:
             pipe.use_loras(loras)
         if args.vae_tiling:
@@ -311,6 +312,25 @@ def _cmd_build(args) -> int:
     return 0
 
 
+def _cmd_quantize(args) -> int:
+    from sdrt.runtime.errors import SdrtError
+
+    try:
+        from sdrt.export.quantize import quantize_model
+
+        prompts = None
+        if args.prompts:
+            prompts = [ln.strip() for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        variant = quantize_model(args.model_dir, method=args.method, prompts=prompts, num_prompts=args.num_prompts,
+                                 steps=args.steps, height=args.height, width=args.width, guidance=args.guidance,
+                                 seed=args.seed)
+    except (SdrtError, OSError, ValueError) as e:
+        raise UserError(str(e)) from e
+    print(f"wrote {variant['file']} ({variant['size_bytes'] / 2**20:.1f} MiB, {variant['method']}); "
+          f"run it with `sdrt generate --model {args.model_dir} --precision int8`")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from sdrt.benchmarks.bench import BenchError, exit_code, run
 
@@ -364,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", metavar="DIR",
                    help="export this diffusers VAE folder (AutoencoderKL, or AutoencoderTiny: TAESD) instead of the "
                         "checkpoint's own, as diffusers' vae= argument")
+    p.add_argument("--controlnet", action="append", metavar="DIR",
+                   help="also export this diffusers ControlNetModel folder, as controlnet/<folder name>/ beside the "
+                        "model (and a UNet graph that takes its residuals); repeatable")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("generate", help="generate images from a prompt with a model directory")
@@ -389,7 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="inpainting: a mask of the init image's size, white (>= 50%%) repainted, black kept")
     p.add_argument("--strength", type=float,
                    help="how much of the image to change, in (0, 1] (default 0.8; 1.0 for inpainting)")
-    p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda or tensorrt (default auto)")
+    p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, tensorrt or openvino (default auto)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
+                   help="fp32 (default), bf16 (openvino, on CPUs with AVX-512 BF16 or AMX) or int8 (the UNet "
+                        "`sdrt quantize` wrote; ort-cpu or openvino)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="TensorRT: capture the UNet call once as a CUDA graph and replay it every step")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
@@ -436,6 +462,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the OpenAI Images API and AUTOMATIC1111's API over HTTP (needs [serve])")
     add_serve_arguments(p)
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("quantize", help="write an int8 UNet into a model directory, calibrated on its own denoising runs")
+    p.add_argument("model_dir")
+    p.add_argument("--method", default="ort-static", choices=("ort-static", "nncf"),
+                   help="ort-static: ONNX Runtime static quantization, QDQ (ort-cpu and openvino run it; default); "
+                        "nncf: NNCF hybrid mode as optimum-intel's, an OpenVINO IR (openvino only)")
+    p.add_argument("--prompts", metavar="FILE", help="calibration prompts, one a line (default: 8 built-in ones)")
+    p.add_argument("--num-prompts", type=int, help="use the first N calibration prompts")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps per calibration run (default 10)")
+    p.add_argument("--height", type=int, help="calibration image height (default: the model's native size)")
+    p.add_argument("--width", type=int, help="calibration image width (default: the model's native size)")
+    p.add_argument("--guidance", type=float, help="guidance scale of the calibration runs (default: the model's own)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first calibration run (default 0)")
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("import", help="write an sdrt model directory from one in optimum's ONNX layout")
     p.add_argument("source", help="a directory written by `optimum-cli export onnx --task text-to-image`")
