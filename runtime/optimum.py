@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from .errors import ModelDirError
+from .files import replace_dir
 from .manifest import FORMAT_VERSION, INPAINTING, MANIFEST_NAME, TEXT_TO_IMAGE, check_manifest
 
 INDEX_NAME = "model_index.json"
@@ -334,23 +335,8 @@ def import_model(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
                 rec["external_data_sha256"] = sha256_file(work / rec["external_data"])
             log(f"  {name}: {rec['size_bytes'] / 2**20:.1f} MiB")
         (work / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(work, out)
+        replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return manifest
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing target is moved aside first and removed only after."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / target.name)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old / target.name, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
