@@ -17,7 +17,7 @@ from typing import Callable
 
 from sdrt import __version__
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.files import default_mode, release_memory, sha256_file, write_json_atomic
+from sdrt.runtime.files import default_mode, release_memory, replace_dir, sha256_file, write_json_atomic
 from sdrt.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, check_generation_defaults
 
 from . import families, onnx_graph, weights
@@ -134,7 +134,7 @@ def export_model(
     try:
         manifest = _export_into(ckpt, work, fp16=fp16, fp16_vae=fp16_vae, opset=opset,
                                 generation_defaults=generation_defaults, log=log)
-        _replace_dir(work, out)
+        replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -158,21 +158,6 @@ def _remove_stale_work_dirs(out: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
         except (ValueError, IndexError, PermissionError):
             pass
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing target is moved aside first and removed only after."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / target.name)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old / target.name, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, opset: int, generation_defaults: dict,
