@@ -33,10 +33,16 @@ from sdrt.runtime.errors import SdrtError
 from . import report as report_mod
 from .stats import ratio, summarize
 
-SDRT_BACKENDS = {"sdrt-ort-cpu": "ort-cpu", "sdrt-ort-cuda": "ort-cuda", "sdrt-tensorrt": "tensorrt"}
+SDRT_BACKENDS = {"sdrt-ort-cpu": "ort-cpu", "sdrt-ort-cuda": "ort-cuda", "sdrt-tensorrt": "tensorrt",
+                 "sdrt-openvino": "openvino", "sdrt-openvino-bf16": "openvino", "sdrt-openvino-int8": "openvino",
+                 "sdrt-ort-cpu-int8": "ort-cpu"}
+# contender -> precision (Pipeline.load's); the others run fp32
+SDRT_PRECISIONS = {"sdrt-openvino-bf16": "bf16", "sdrt-openvino-int8": "int8", "sdrt-ort-cpu-int8": "int8"}
 DIFFUSERS_CONTENDERS = ("diffusers", "diffusers-compile")
+OPTIMUM_INTEL = "optimum-intel"  # optimum-intel's OVStableDiffusionPipeline at its defaults, in its own venv
 LOWMEM_SUFFIX = "-lowmem"
-DEFAULT_CONTENDERS = ("sdrt-ort-cpu", "sdrt-ort-cuda", "sdrt-tensorrt", "diffusers", "diffusers-compile")
+DEFAULT_CONTENDERS = ("sdrt-ort-cpu", "sdrt-ort-cpu-int8", "sdrt-openvino", "sdrt-openvino-bf16", "sdrt-openvino-int8",
+                      "sdrt-ort-cuda", "sdrt-tensorrt", "diffusers", "diffusers-compile", OPTIMUM_INTEL)
 REFERENCE = "diffusers"
 TOLERANCE = 2e-3
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
@@ -218,6 +224,25 @@ def skip_reason(name: str, machine: dict, settings: dict, checkpoint: Path | Non
     has_gpu = bool(machine.get("gpus"))
     no_gpu = machine.get("no_gpu_reason") or "no NVIDIA GPU"
     base = name[: -len(LOWMEM_SUFFIX)] if name.endswith(LOWMEM_SUFFIX) else name
+    if SDRT_BACKENDS.get(base) == "openvino" and not _have("openvino"):
+        return "OpenVINO is not installed (pip install 'sdrt[openvino]')"
+    precision = SDRT_PRECISIONS.get(base, "fp32")
+    if precision == "int8" and not (manifest["components"].get("unet", {}).get("variants") or {}).get("int8"):
+        return f"the model directory has no int8 UNet; make one with `sdrt quantize {settings.get('model')}`"
+    if precision != "fp32":
+        from sdrt.runtime.errors import ConfigError
+        from sdrt.runtime.precision import check
+
+        try:
+            check(SDRT_BACKENDS[base], precision)
+        except ConfigError as e:
+            return str(e)
+        variant = (manifest["components"]["unet"].get("variants") or {}).get("int8") or {}
+        if precision == "int8" and variant.get("format") == "openvino" and SDRT_BACKENDS[base] != "openvino":
+            return "the model's int8 UNet is an OpenVINO IR (sdrt quantize --method nncf): openvino only"
+    if name == OPTIMUM_INTEL:
+        if checkpoint is None:
+            return "no --checkpoint given: optimum-intel exports the diffusers checkpoint itself"
     if name.endswith(LOWMEM_SUFFIX):
         import inspect
 
@@ -255,14 +280,16 @@ def skip_reason(name: str, machine: dict, settings: dict, checkpoint: Path | Non
 # -- running one contender ------------------------------------------------------------------------------
 
 
-def run_worker(spec: dict, work: Path, timeout: float | None, log) -> dict:
-    """Spawn the worker for ``spec``; returns its result with cold_start_s (spawn to first image) added."""
+def run_worker(spec: dict, work: Path, timeout: float | None, log, python: str | None = None) -> dict:
+    """Spawn the worker for ``spec``; returns its result with cold_start_s (spawn to first image) added.
+    ``python``: another interpreter (a contender's own virtual environment), which runs worker.py by path."""
     name = spec["contender"]
     spec_path = work / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
     stderr_path = work / f"{name}.stderr.txt"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "sdrt.benchmarks.worker", str(spec_path)]
+    cmd = ([python, str(Path(__file__).with_name("worker.py")), str(spec_path)] if python
+           else [sys.executable, "-m", "sdrt.benchmarks.worker", str(spec_path)])
     first_image = None
     with open(stderr_path, "wb") as err:
         t_spawn = time.perf_counter()
@@ -402,8 +429,9 @@ def run(args, log=None) -> dict:
                 contenders[name] = {"status": "skipped", "reason": why}
                 continue
             base = name[: -len(LOWMEM_SUFFIX)] if name.endswith(LOWMEM_SUFFIX) else name
+            kind = "sdrt" if base in SDRT_BACKENDS else "optimum-intel" if name == OPTIMUM_INTEL else "diffusers"
             spec = {
-                "contender": name, "kind": "sdrt" if base in SDRT_BACKENDS else "diffusers",
+                "contender": name, "kind": kind, "precision": SDRT_PRECISIONS.get(base, "fp32"),
                 "backend": SDRT_BACKENDS.get(base), "low_memory": name.endswith(LOWMEM_SUFFIX),
                 "compile": name == "diffusers-compile", "device": settings["diffusers_device"],
                 "model": str(model), "checkpoint": str(checkpoint) if checkpoint else None, "latents": str(lat_path),
@@ -414,8 +442,22 @@ def run(args, log=None) -> dict:
                 "threads": settings["threads"], "gpu_memory": bool(machine.get("gpus")),
                 "image_out": str(work / f"{name}.image.npy"), "result_out": str(work / f"{name}.result.json"),
             }
+            python = None
+            if kind == "optimum-intel":
+                from .optimum_intel import prepare
+
+                try:
+                    python, spec["ov_model"] = prepare(checkpoint, cache, log)
+                except BenchError as e:
+                    log(f"{name}: skipped ({e})")
+                    contenders[name] = {"status": "skipped", "reason": str(e)}
+                    continue
+                if settings["scheduler"]:
+                    from sdrt.runtime.schedulers import diffusers_equivalent
+
+                    spec["diffusers_scheduler"] = list(diffusers_equivalent(settings["scheduler"]))
             log(f"{name}: {settings['warmup']} warm-up + {settings['runs']} timed runs")
-            res = run_worker(spec, work, args.timeout, log)
+            res = run_worker(spec, work, args.timeout, log, python=python)
             if res.get("status") == "ok":
                 res.update(metrics(res, unet_flops, roof))
                 res["image_array"] = np.load(res.pop("image"))
@@ -488,8 +530,38 @@ def _compare_images(contenders: dict, tol: float) -> None:
                 res["image_note"] = f"image mismatch: max abs diff {d:.3g} > {tol:g} against {REFERENCE}; not ranked"
         res["image_tolerance"] = tol
         res["image_reference_precision"] = ref.get("precision") if ref_img is not None else None
+    _psnr(contenders)
     for res in contenders.values():
         res.pop("image_array", None)
+
+
+REDUCED = ("bf16", "int8", "fp16")
+
+
+def psnr_db(img: np.ndarray, ref: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of ``img`` against ``ref`` (both in [0, 1]), in dB."""
+    mse = float(np.mean((img.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def _psnr(contenders: dict) -> None:
+    """Every contender's PSNR against the fp32 image (diffusers', else sdrt's own fp32 one). A reduced precision
+    (bf16, int8; optimum-intel at OpenVINO's defaults) is measured by it, not held to the parity tolerance."""
+    refs = [n for n in (REFERENCE, "sdrt-ort-cpu", "sdrt-openvino") if contenders.get(n, {}).get("status") == "ok"
+            and contenders[n].get("image_array") is not None and contenders[n].get("precision") == "fp32"]
+    if not refs:
+        return
+    ref_name, ref_img = refs[0], contenders[refs[0]]["image_array"]
+    for name, res in contenders.items():
+        img = res.get("image_array")
+        if res.get("status") != "ok" or img is None or img.shape != ref_img.shape:
+            continue
+        res["image_psnr_db"], res["image_psnr_reference"] = psnr_db(img, ref_img), ref_name
+        if res.get("precision") in REDUCED or name == OPTIMUM_INTEL:
+            res["image_matches"] = None  # not a parity contender: PSNR says how far it is
+            res["image_note"] = (f"{res.get('precision')}: PSNR {res['image_psnr_db']:.1f} dB against {ref_name}'s "
+                                 f"fp32 image (max abs diff {res.get('image_max_abs_diff') or 0:.3g}); not held to "
+                                 "the parity tolerance")
 
 
 def main(argv=None) -> int:

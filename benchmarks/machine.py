@@ -13,7 +13,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-LIBRARIES = ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "diffusers", "transformers", "tensorrt")
+LIBRARIES = ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "diffusers", "transformers", "tensorrt",
+             "openvino", "nncf")
 
 
 def _version(dist: str) -> str | None:
@@ -87,6 +88,7 @@ def numpy_blas() -> str:
 def machine_facts() -> dict:
     from sdrt import __version__
     from sdrt.runtime.backends.onnxruntime import physical_cores
+    from sdrt.runtime.precision import cpu_flags, isa
 
     gpu_list, no_gpu = gpus()
     try:
@@ -102,6 +104,10 @@ def machine_facts() -> dict:
         "cpu_model": cpu_model(),
         "cpu_logical_cores": os.cpu_count(),
         "cpu_physical_cores": physical_cores(),
+        # what decides CPU speed at each precision; the flags themselves, those of them this CPU has
+        "cpu_isa": isa(),
+        "cpu_isa_flags": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                                               "amx_tile", "amx_bf16", "amx_int8", "avx512_fp16"}),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_bytes": total_memory_bytes(),
         "gpus": gpu_list,

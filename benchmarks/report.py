@@ -68,6 +68,7 @@ def summary_lines(report: dict) -> list[str]:
             f"peak RSS {_mib(res.get('peak_rss_bytes'))} MiB"
             + (f", peak GPU {_mib(res.get('peak_gpu_bytes'))} MiB" if res.get("peak_gpu_bytes") is not None else "")
             + (f", max |diff| {diff:.2e}" if diff is not None else "")
+            + (f", PSNR {res['image_psnr_db']:.1f} dB" if res.get("image_psnr_db") not in (None, float("inf")) else "")
             + flag
         )
     for name, r in report.get("ratios", {}).items():
@@ -86,6 +87,18 @@ def rank(report: dict) -> list[str]:
     """Contenders that ran and whose image matches (or is the reference), fastest first."""
     ok = [(n, r) for n, r in report["contenders"].items() if _ok(r) and r.get("image_matches") is not False]
     return [n for n, r in sorted(ok, key=lambda nr: _med(nr[1], "end_to_end"))]
+
+
+def _db(v) -> str:
+    return "n/a" if v is None else "identical" if v == float("inf") else f"{v:.1f}"
+
+
+def isa_text(isa: dict | None) -> str:
+    """'AVX2 yes, AVX-512 yes, VNNI yes, BF16 yes, AMX no' from machine_facts' cpu_isa."""
+    if not isa:
+        return "unknown"
+    names = {"avx2": "AVX2", "avx512": "AVX-512", "vnni": "VNNI", "bf16": "BF16", "amx": "AMX"}
+    return ", ".join(f"{label} {'yes' if isa.get(k) else 'no'}" for k, label in names.items())
 
 
 def _fmt_s(v) -> str:
@@ -117,14 +130,15 @@ def markdown(report: dict) -> str:
         f"per contender, each in its own process, same initial latents",
         f"- machine: {m['cpu_model']}, {m['cpu_physical_cores']} physical / {m['cpu_logical_cores']} logical cores"
         f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; threads: {s.get('threads') or 'library default'}",
+        f"- CPU ISA: {isa_text(m.get('cpu_isa'))}",
         f"- versions: sdrt {v.get('sdrt')}, numpy {v.get('numpy')}, onnxruntime {v.get('onnxruntime') or v.get('onnxruntime-gpu')}, "
         f"torch {v.get('torch')}, diffusers {v.get('diffusers')}",
         f"- created {report['created']}",
         "",
         "| contender | device / precision | end-to-end median s (p90, min) | text encoder ms | UNet step ms | "
         "UNet GFLOP/s (% of peak) | VAE decode ms | cold start s | peak RSS MiB | peak GPU MiB | max abs diff vs "
-        f"{report['reference']} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"{report['reference']} | PSNR vs fp32 dB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ranked = rank(report)
     order = ranked + [n for n, r in report["contenders"].items() if _ok(r) and n not in ranked]
@@ -140,7 +154,7 @@ def markdown(report: dict) -> str:
             f"| {_ms(r, 'text_encoder')} | {_ms(r, 'unet_step')} | {_gflops(rf.get('achieved_flops_per_s'))}"
             f"{'' if frac is None else f' ({frac:.0%})'} | {_ms(r, 'vae_decoder')} | {_fmt_s(r.get('cold_start_s'))} "
             f"| {_mib(r.get('peak_rss_bytes'))} | {_mib(r.get('peak_gpu_bytes'))} "
-            f"| {'n/a' if diff is None else f'{diff:.2e}'} |"
+            f"| {'n/a' if diff is None else f'{diff:.2e}'} | {_db(r.get('image_psnr_db'))} |"
         )
     skipped = [(n, r) for n, r in report["contenders"].items() if not _ok(r)]
     if skipped:

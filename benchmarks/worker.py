@@ -149,6 +149,8 @@ def run_sdrt(spec: dict) -> dict:
 
     t_import = time.perf_counter()
     kwargs = {"backend": spec["backend"]}
+    if spec.get("precision", "fp32") != "fp32":
+        kwargs["precision"] = spec["precision"]
     if spec.get("threads"):
         kwargs["threads"] = spec["threads"]
     if spec.get("low_memory"):
@@ -184,8 +186,9 @@ def run_sdrt(spec: dict) -> dict:
                 image = np.asarray(out.images, dtype=np.float32)
     unet_rec = pipe.manifest["components"]["unet"]
     return {
-        "backend": pipe.backend, "device": "cpu" if pipe.backend == "ort-cpu" else "gpu",
-        "precision": unet_rec.get("precision", "fp32"), "low_memory": bool(spec.get("low_memory")),
+        "backend": pipe.backend, "device": "cpu" if pipe.backend in ("ort-cpu", "openvino") else "gpu",
+        "precision": spec.get("precision") if spec.get("precision", "fp32") != "fp32" else unet_rec.get("precision", "fp32"),
+        "low_memory": bool(spec.get("low_memory")),
         "import_s": t_import - T_START, "load_s": t_load - t_import, "first_call_s": first_s,
         "runs": runs, "image": image,
     }
@@ -325,6 +328,85 @@ def run_diffusers(spec: dict) -> dict:
     }
 
 
+# -- optimum-intel (its own virtual environment: nothing of sdrt is importable there) -------------------
+
+
+def optimum_export(checkpoint: str, out: str) -> None:
+    """The checkpoint as optimum-intel's OpenVINO IR pipeline (what `optimum-cli export openvino` writes)."""
+    from optimum.intel import OVStableDiffusionPipeline
+
+    OVStableDiffusionPipeline.from_pretrained(checkpoint, export=True, compile=False).save_pretrained(out)
+
+
+def run_optimum(spec: dict) -> dict:
+    """OVStableDiffusionPipeline at its defaults (OpenVINO's own hints: bf16 where the CPU has it, dynamic shapes)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import diffusers
+    import torch
+    from optimum.intel import OVStableDiffusionPipeline
+
+    t_import = time.perf_counter()
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    pipe = OVStableDiffusionPipeline.from_pretrained(spec["ov_model"])
+    if spec.get("diffusers_scheduler"):
+        cls, implied = spec["diffusers_scheduler"]
+        pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **implied)
+    pipe.set_progress_bar_config(disable=True)
+    stages: dict[str, list] = {"text_encoder": [], "unet": [], "vae_decoder": []}
+    for stage in stages:
+        part = getattr(pipe, stage, None)
+        if part is None or not hasattr(part, "forward"):
+            continue
+
+        def timed(*a, _f=part.forward, _s=stage, **k):
+            t0 = time.perf_counter()
+            r = _f(*a, **k)
+            stages[_s].append(time.perf_counter() - t0)
+            return r
+
+        part.forward = timed
+    t_load = time.perf_counter()
+    latents = torch.from_numpy(np.load(spec["latents"]))
+    call = dict(
+        prompt=spec["prompt"], negative_prompt=spec.get("negative_prompt"), num_inference_steps=spec["steps"],
+        guidance_scale=spec["guidance"], height=spec["height"], width=spec["width"],
+        num_images_per_prompt=spec["batch"], latents=latents, output_type="np",
+    )
+    runs, image, first_s = [], None, None
+    for i in range(spec["warmup"] + spec["runs"]):
+        for v in stages.values():
+            v.clear()
+        t0 = time.perf_counter()
+        out = pipe(**call)
+        t1 = time.perf_counter()
+        if i == 0:
+            first_s = t1 - t0
+            _mark_first_image()
+        if i >= spec["warmup"]:
+            runs.append({"end_to_end": t1 - t0, "text_encoder": float(sum(stages["text_encoder"])),
+                         "unet": [float(x) for x in stages["unet"]], "vae_decoder": float(sum(stages["vae_decoder"]))})
+            if image is None:
+                image = np.asarray(out.images, dtype=np.float32)
+    precision = "unknown"
+    try:
+        hint = str(pipe.unet.request.get_property("INFERENCE_PRECISION_HINT")).lower()  # "<Type: 'bfloat16'>"
+        precision = "bf16" if "bf" in hint else "fp32" if "32" in hint else "fp16" if "16" in hint else hint
+    except Exception:
+        pass
+    import importlib.metadata as md
+
+    return {
+        "backend": "openvino (optimum-intel)", "device": "cpu", "precision": precision,
+        "versions": {d: md.version(d) for d in ("optimum-intel", "openvino", "diffusers", "transformers", "torch")},
+        "import_s": t_import - T_START, "load_s": t_load - t_import, "first_call_s": first_s, "runs": runs,
+        "image": image,
+    }
+
+
 # -- GPU matmul roofline --------------------------------------------------------------------------------
 
 
@@ -372,6 +454,9 @@ def _write_json(path: str, obj: dict) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--optimum-export":
+        optimum_export(argv[1], argv[2])
+        return 0
     if argv and argv[0] == "--matmul":
         out_path = argv[2]
         try:
@@ -389,7 +474,8 @@ def main(argv=None) -> int:
     sampler = GpuMemorySampler().start() if spec.get("gpu_memory", True) else None
     result: dict = {"contender": spec["contender"], "kind": spec["kind"], "pid": os.getpid()}
     try:
-        body = run_sdrt(spec) if spec["kind"] == "sdrt" else run_diffusers(spec)
+        run = {"sdrt": run_sdrt, "optimum-intel": run_optimum}.get(spec["kind"], run_diffusers)
+        body = run(spec)
         image = body.pop("image")
         np.save(spec["image_out"], image)
         result.update(status="ok", image=spec["image_out"], **body)

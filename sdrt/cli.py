@@ -121,6 +121,7 @@ def _cmd_generate(args) -> int:
         if path and not Path(path).is_file():
             raise UserError(f"{flag} {path} does not exist")
     loras = [_lora_spec(spec) for spec in args.lora or ()]
+    control = _control_arguments(args)
     if args.refiner:
         args.refiner_start = 0.8 if args.refiner_start is None else args.refiner_start
         _check_refiner(model, args)
@@ -160,7 +161,7 @@ def _cmd_generate(args) -> int:
             generator = np.random.default_rng(seed)  # one noise source for the base and the refiner, as in diffusers
             hand_off = dict(denoising_end=args.refiner_start, output_type="latent") if args.refiner else {}
             result = pipe(args.prompt, height=args.height, width=args.width, generator=generator, image=args.init_image,
-                          mask_image=args.mask, strength=args.strength, **common, **hand_off)
+                          mask_image=args.mask, strength=args.strength, **common, **hand_off, **control)
             if args.refiner:
                 result = _refine(pipe, args, result, generator, common, bars)
         except GenerationError as e:
@@ -174,6 +175,7 @@ def _cmd_generate(args) -> int:
     if args.refiner:
         params.update(refiner=str(Path(args.refiner).absolute()), refiner_start=args.refiner_start)
     params.update({k: v for k, v in (("init_image", args.init_image), ("mask", args.mask),
+                                     ("control_images", args.control_image),
                                      ("loras", [[p, w] for p, w in loras])) if v})
     from sdrt import __version__
 
@@ -184,6 +186,40 @@ def _cmd_generate(args) -> int:
         print(f"wrote {path}")
     print(f"{pipe.backend}: {result.timings.summary()}")
     return 0
+
+
+def _control_spec(spec: str) -> tuple[str, str | None]:
+    """``PATH[:NAME]`` -> (PATH, NAME or None); a path that exists as given is taken whole (it may hold a colon)."""
+    path, sep, name = spec.rpartition(":")
+    if Path(spec).exists() or not sep or not path:
+        path, name = spec, None
+    if not Path(path).is_file():
+        raise UserError(f"--control-image {path} does not exist (give PATH or PATH:NAME, NAME a ControlNet of the model)")
+    return path, name
+
+
+def _control_arguments(args) -> dict:
+    """--control-image PATH[:NAME] (repeatable) and --control-scale S (one for all, or one per image, in order) as
+    the pipeline's control_image, controlnet and controlnet_conditioning_scale."""
+    specs = [_control_spec(s) for s in args.control_image or ()]
+    scales = args.control_scale or []
+    if not specs:
+        if scales:
+            raise UserError("--control-scale needs --control-image")
+        return {}
+    names = [n for _, n in specs]
+    if any(names) and not all(names):
+        raise UserError("give every --control-image a ControlNet name (PATH:NAME), or none (one image per ControlNet "
+                        "of the model, in its order)")
+    if len(scales) not in (0, 1, len(specs)):
+        raise UserError(f"{len(scales)} --control-scale values for {len(specs)} --control-image; give one, or one per image")
+    paths = [p for p, _ in specs]
+    out = {"control_image": paths[0] if len(paths) == 1 else paths}
+    if all(names):
+        out["controlnet"] = names
+    if scales:
+        out["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
+    return out
 
 
 def _check_refiner(model, args) -> None:
@@ -267,6 +303,9 @@ _GENERATE_FLAGS = {
     "strength": "--strength",
     "height": "--height",
     "width": "--width",
+    "controlnet_conditioning_scale": "--control-scale",
+    "control_image": "--control-image",
+    "controlnet=NAME": "--control-image PATH:NAME",
 }
 
 
@@ -426,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SDXL: hand the base's latents to this refiner model directory for the last steps")
     p.add_argument("--refiner-start", type=float,
                    help="with --refiner: the fraction of the schedule the base runs (default 0.8)")
+    p.add_argument("--control-image", action="append", metavar="PATH[:NAME]",
+                   help="ControlNet: condition on this image, with the ControlNet NAME of the model (default: one image "
+                        "per exported ControlNet, in order); repeatable")
+    p.add_argument("--control-scale", action="append", type=float, metavar="S",
+                   help="ControlNet conditioning scale (default 1); one for all, or one per --control-image, in order")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 

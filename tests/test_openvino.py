@@ -1,0 +1,99 @@
+"""The openvino backend: the model directory's ONNX graphs behind the Engine interface, image for image
+ONNX Runtime's at fp32; the precision choice refused in one line where it cannot run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+
+from sdrt.runtime.backends.onnxruntime import OrtEngine  # noqa: E402
+from sdrt.runtime.backends.openvino import OvEngine  # noqa: E402
+from sdrt.runtime.errors import ConfigError, ModelDirError  # noqa: E402
+from sdrt.runtime.pipeline import Pipeline  # noqa: E402
+from sdrt.runtime.precision import check  # noqa: E402
+
+CALL = dict(num_inference_steps=4, seed=0, output_type="np", height=64, width=64)
+
+
+@pytest.fixture(scope="module")
+def sd1_copy(model_dir, tmp_path_factory):
+    """The sd1 test model without its caches (the tests below fill OpenVINO's)."""
+    root = tmp_path_factory.mktemp("ov") / "sd1"
+    shutil.copytree(model_dir("sd1"), root, ignore=shutil.ignore_patterns("cache"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ort_image(sd1_copy):
+    return Pipeline.load(sd1_copy, backend="ort-cpu")("a red circle", **CALL).images
+
+
+def test_openvino_fp32_matches_onnx_runtime(sd1_copy, ort_image):
+    pipe = Pipeline.load(sd1_copy, backend="openvino")
+    out = pipe("a red circle", **CALL)
+    assert pipe.backend == "openvino" and out.parameters["backend"] == "openvino"
+    assert np.abs(out.images - ort_image).max() <= 2e-3
+
+
+def test_compiled_models_are_cached_and_a_second_load_reads_the_cache(sd1_copy, ort_image):
+    Pipeline.load(sd1_copy, backend="openvino")("a red circle", **CALL)
+    entries = list((sd1_copy / "cache").glob("unet-openvino-*"))
+    assert entries and any(p.suffix == ".blob" for e in entries for p in e.iterdir())
+    again = Pipeline.load(sd1_copy, backend="openvino")("a red circle", **CALL).images
+    assert np.abs(again - ort_image).max() <= 2e-3
+
+
+def _text_encoder_record(root):
+    return json.loads((root / "sdrt.json").read_text())["components"]["text_encoder"]
+
+
+def test_text_encoder_attention_mask_is_fed_not_folded(sd1_copy):
+    # sdrt's text encoders carry the mask as an input with an all-ones default (an initializer of the same name)
+    rec = _text_encoder_record(sd1_copy)
+    ov, ort = OvEngine("text_encoder", sd1_copy, rec, cache=False), OrtEngine("text_encoder", sd1_copy, rec, cache=False)
+    ids = np.random.default_rng(0).integers(0, 600, (2, 77)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[:, 6:] = 0
+    a, b = ov(input_ids=ids, attention_mask=mask), ort(input_ids=ids, attention_mask=mask)
+    assert set(a) == set(b)
+    for name in a:
+        assert np.abs(a[name] - b[name]).max() <= 1e-4
+
+
+def test_set_weights_replaces_named_weights_as_onnx_runtime_does(sd1_copy):
+    rec = json.loads((sd1_copy / "sdrt.json").read_text())["components"]["unet"]
+    weights = json.loads((sd1_copy / rec["weights"]).read_text())["weights"]
+    entry = weights["conv_in"]
+    rng = np.random.default_rng(1)
+    new = {entry["initializer"]: rng.standard_normal(entry["shape"]).astype(np.float32)}
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32), "timestep": np.array([10.0, 10.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, rec["inputs"][2]["shape"][-1]), dtype=np.float32)}
+    ov, ort = OvEngine("unet", sd1_copy, rec, cache=False), OrtEngine("unet", sd1_copy, rec, cache=False)
+    before = ov(**feeds)["out_sample"]
+    ov.set_weights(new)
+    ort.set_weights(new)
+    after = ov(**feeds)["out_sample"]
+    assert np.abs(after - before).max() > 1e-3
+    assert np.abs(after - ort(**feeds)["out_sample"]).max() <= 1e-4
+    ov.set_weights({})
+    assert np.abs(ov(**feeds)["out_sample"] - before).max() <= 1e-5
+
+
+def test_precisions_a_backend_or_cpu_cannot_run_are_refused_in_one_line():
+    with pytest.raises(ConfigError, match="ONNX Runtime has no bf16 CPU kernels.*--backend openvino"):
+        check("ort-cpu", "bf16")
+    with pytest.raises(ConfigError, match="this CPU cannot run bf16 fast"):
+        check("openvino", "bf16", flags={"avx2", "fma"})
+    check("openvino", "bf16", flags={"avx512f", "avx512_bf16"})
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
+        check("openvino", "fp8")
+
+
+def test_int8_without_a_quantized_unet_says_to_run_sdrt_quantize(sd1_copy):
+    with pytest.raises(ModelDirError, match=r"has no int8 unet; make one with `sdrt quantize .*` first"):
+        Pipeline.load(sd1_copy, backend="openvino", precision="int8")

@@ -1,0 +1,97 @@
+"""Reduced precisions: `sdrt quantize` writes an int8 UNet into the model directory and records it; int8 and
+bf16 images stay close to fp32's (PSNR, not the 2e-3 parity tolerance: reduced precision is measured, not
+held to it)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from sdrt.runtime.pipeline import Pipeline
+from sdrt.runtime.precision import isa
+
+CALL = dict(num_inference_steps=6, seed=3, output_type="np", height=64, width=64)
+PROMPT = "a blue square on a yellow background"
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / max(np.mean((a.astype(np.float64) - b) ** 2), 1e-12)))
+
+
+@pytest.fixture(scope="module")
+def fp32(model_dir):
+    return Pipeline.load(model_dir("sd1"), backend="ort-cpu")(PROMPT, **CALL).images
+
+
+def _quantized(model_dir, tmp_path, method):
+    pytest.importorskip("onnx")
+    from sdrt.export.quantize import quantize_model
+
+    root = tmp_path / "sd1"
+    shutil.copytree(model_dir("sd1"), root, ignore=shutil.ignore_patterns("cache"))
+    variant = quantize_model(root, method=method, num_prompts=3, steps=4, height=64, width=64, log=lambda *_: None)
+    return root, variant
+
+
+def test_ort_static_quantize_records_the_int8_unet_and_both_cpu_backends_run_it(model_dir, tmp_path, fp32):
+    root, variant = _quantized(model_dir, tmp_path, "ort-static")
+    rec = json.loads((root / "sdrt.json").read_text())["components"]["unet"]["variants"]["int8"]
+    assert rec == variant and rec["method"] == "ort-static" and rec["format"] == "onnx"
+    assert (root / rec["file"]).is_file() and rec["calibration"]["samples"] >= 3 * 4
+    assert not [p for p in (root / "unet").iterdir() if p.name.startswith(".")]  # no temporary left behind
+    backends = ["ort-cpu"] + (["openvino"] if _have_openvino() else [])
+    for backend in backends:
+        out = Pipeline.load(root, backend=backend, precision="int8")(PROMPT, **CALL)
+        assert out.parameters["precision"] == "int8"
+        assert psnr(out.images, fp32) > 22, backend
+
+
+def test_lora_on_the_int8_unet_is_refused(model_dir, tmp_path):
+    root, _ = _quantized(model_dir, tmp_path, "ort-static")
+    pipe = Pipeline.load(root, backend="ort-cpu", precision="int8")
+    with pytest.raises(Exception, match="LoRA cannot be applied to the int8 unet"):
+        pipe.engines["unet"].set_weights({"x": np.zeros(1)})
+
+
+@pytest.mark.slow
+def test_nncf_hybrid_quantize_runs_on_openvino_and_ort_says_it_cannot(model_dir, tmp_path, fp32):
+    pytest.importorskip("nncf")
+    from sdrt.runtime.errors import ModelDirError
+
+    root, variant = _quantized(model_dir, tmp_path, "nncf")
+    assert variant["format"] == "openvino" and variant["file"].endswith(".xml")
+    out = Pipeline.load(root, backend="openvino", precision="int8")(PROMPT, **CALL)
+    assert psnr(out.images, fp32) > 25
+    with pytest.raises(ModelDirError, match="OpenVINO IR.*--backend openvino"):
+        Pipeline.load(root, backend="ort-cpu", precision="int8")
+
+
+def test_bf16_on_openvino_is_close_to_fp32(model_dir, fp32):
+    if not _have_openvino():
+        pytest.skip("needs OpenVINO (pip install 'sdrt[openvino]')")
+    if not isa()["bf16"]:
+        pytest.skip("this CPU has no AVX-512 BF16 or AMX")
+    out = Pipeline.load(model_dir("sd1"), backend="openvino", precision="bf16")(PROMPT, **CALL)
+    assert psnr(out.images, fp32) > 35
+
+
+def _have_openvino() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def test_bench_measures_reduced_precisions_by_psnr_not_the_parity_tolerance():
+    from sdrt.benchmarks.bench import _compare_images, parse_contenders
+
+    assert {"sdrt-openvino", "sdrt-openvino-bf16", "sdrt-ort-cpu-int8", "optimum-intel"} <= set(parse_contenders(None, False))
+    ref = np.full((1, 8, 8, 3), 0.5, np.float32)
+    cs = {name: {"status": "ok", "precision": p, "image_array": ref + d}
+          for name, p, d in (("diffusers", "fp32", 0.0), ("sdrt-openvino", "fp32", 1e-5), ("sdrt-openvino-bf16", "bf16", 0.01))}
+    _compare_images(cs, 2e-3)
+    assert cs["sdrt-openvino"]["image_matches"] is True and cs["sdrt-openvino"]["image_psnr_db"] > 90
+    bf16 = cs["sdrt-openvino-bf16"]
+    assert bf16["image_matches"] is None and abs(bf16["image_psnr_db"] - 40.0) < 0.01 and "PSNR 40.0 dB" in bf16["image_note"]
