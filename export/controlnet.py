@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdrt.runtime.controlnet import CONTROLNET_FOLDER, CONTROLNET_UNET, component_name
+from sdrt.runtime.controlnet import CONTROLNET_FOLDER, CONTROLNET_UNET, component_name, dim_size
 
 from .checkpoint import _WEIGHT_NAMES, CheckpointError
 
@@ -162,14 +162,7 @@ def residual_specs(controlnet) -> list:
 
 def _shape_at(spec, b: int, h: int, w: int) -> tuple:
     sizes = {"batch": b, "latent_height": h, "latent_width": w}
-
-    def one(d):
-        if isinstance(d, int):
-            return d
-        base, _, k = d.partition("/")
-        return -(-sizes[base] // int(k)) if k else sizes[base]
-
-    return tuple(one(d) for d in spec.shape)
+    return tuple(dim_size(d, sizes) for d in spec.shape)
 
 
 def controlnet_module(controlnet, added: list[str]):

@@ -204,15 +204,17 @@ def residual_zeros(control: dict, x: np.ndarray) -> dict:
     """Zero residuals for latents ``x`` (steps where no ControlNet acts): shapes from the record, whose
     spatial sizes are ``latent_height`` or ``latent_height/k`` (the UNet's stride-2 downsamplings: ceil)."""
     h, w = x.shape[-2:]
-    dims = {"batch": len(x), "latent_height": h, "latent_width": w}
+    sizes = {"batch": len(x), "latent_height": h, "latent_width": w}
+    return {r["name"]: np.zeros([dim_size(d, sizes) for d in r["shape"]], np.float32) for r in control["residuals"]}
 
-    def size(d):
-        if isinstance(d, int):
-            return d
-        base, _, k = d.partition("/")
-        return -(-dims[base] // int(k)) if k else dims[base]
 
-    return {r["name"]: np.zeros([size(d) for d in r["shape"]], np.float32) for r in control["residuals"]}
+def dim_size(d, sizes: dict) -> int:
+    """A recorded dimension's size: an int as is, a name from ``sizes``, ``name/k`` that size divided by k,
+    rounded up (a feature map after stride-2 downsamplings)."""
+    if isinstance(d, int):
+        return d
+    base, _, k = d.partition("/")
+    return -(-sizes[base] // int(k)) if k else sizes[base]
 
 
 def unet_component(manifest: dict, controls) -> str:
@@ -238,5 +240,5 @@ def with_controls(pipe, req, model, conditioning: list[np.ndarray], start: int =
     return with_controlnet(model, nets, scales, lambda x: residual_zeros(req.controls[0].record, x))
 
 
-__all__ = ["CONTROLNET_UNET", "Control", "component_name", "controls", "default_size", "controlnet_callable", "is_controlnet",
+__all__ = ["CONTROLNET_UNET", "Control", "component_name", "controls", "default_size", "dim_size", "controlnet_callable", "is_controlnet",
            "records", "residual_zeros", "select", "unet_component", "with_controls"]

@@ -130,7 +130,8 @@ def tensorrt_records(model_dir, manifest: dict | None, *, strict: bool, facts: D
     or why the recorded engines are refused (GPU, compute capability, TensorRT version, ONNX hash),
     with the ``sdrt build`` command. Not strict (``auto``): None, quietly when TensorRT, a GPU or
     engines are absent, with one warning when engines are there but cannot be used here.
-    The VAE encoder's record is included when it is usable (it is optional: image to image only)."""
+    The records of optional components (the VAE encoder: image to image only; the ControlNet graphs) are included
+    when they are usable."""
     if not strict and (manifest is None or not manifest.get("engines")):
         return None  # nothing built: ONNX Runtime, without importing TensorRT
     try:
@@ -148,9 +149,9 @@ def tensorrt_records(model_dir, manifest: dict | None, *, strict: bool, facts: D
             raise BackendUnavailable(str(e)) from e
         _warn_once(f"{e}; using ONNX Runtime instead")
         return None
-    if "vae_encoder" in manifest["components"]:
+    for comp in [c for c in manifest["components"] if c not in records]:
         try:
-            records.update(check_engine_set(manifest, facts, model_dir, ["vae_encoder"]))
+            records.update(check_engine_set(manifest, facts, model_dir, [comp]))
         except EngineMismatch:
             pass
     return records
