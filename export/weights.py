@@ -23,8 +23,9 @@ import onnx
 import torch
 
 WEIGHTS_NAME = "weights.json"
-# the components whose weights LoRA files address (diffusers' and kohya's prefixes name these)
-LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+# the components whose weights LoRA files address (diffusers' and kohya's prefixes name these), and the UNet
+# taking ControlNet residuals (the UNet's own weights under the same module names: the unet's updates apply)
+LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_controlnet")
 _DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
 

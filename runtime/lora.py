@@ -33,6 +33,8 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_we
 PICKLED = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 # diffusers' key prefixes and kohya's, to the model directory's components
 PREFIXES = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+# components holding a copy of another's weights under the same module names, which that one's updates change too
+COPIES = {"unet_controlnet": "unet"}
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 # key suffixes -> the part of the update they hold
@@ -102,7 +104,8 @@ def weight_maps(model_dir: Path, manifest: dict) -> dict[str, WeightMap]:
     """The weight maps of the components LoRA files address; a model exported before sdrt recorded
     them cannot take a LoRA."""
     comps = manifest["components"]
-    found = {c: WeightMap(model_dir, c, comps[c]) for c in PREFIXES.values() if c in comps and comps[c].get("weights")}
+    found = {c: WeightMap(model_dir, c, comps[c]) for c in (*PREFIXES.values(), *COPIES)
+             if c in comps and comps[c].get("weights")}
     if "unet" not in found:
         raise LoraError(f"{model_dir} was exported without a weight map, which LoRA needs; re-export it with this "
                         f"sdrt (`sdrt export CHECKPOINT --out {model_dir} --overwrite`)")
@@ -386,7 +389,7 @@ class LoraMixin:
         for component, wmap in self._weight_maps().items():
             touched: dict[str, list] = {}
             for name, weight in self._active:
-                for module, u in self._adapters[name].updates.get(component, {}).items():
+                for module, u in self._adapters[name].updates.get(COPIES.get(component, component), {}).items():
                     touched.setdefault(wmap.entries[module]["initializer"], []).append((weight, u))
             if touched or self._set.get(component):
                 self.engines[component].set_weights(

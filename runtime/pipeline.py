@@ -299,9 +299,10 @@ class Pipeline(LoraMixin):
         """The call's ControlNets (runtime/controlnet.py), their images one row per image of the batch."""
         from dataclasses import replace
 
-        if self.get_active_adapters():
-            raise GenerationError("LoRA and ControlNet together are not supported yet (the ControlNet UNet graph does "
-                                  "not take the LoRA); unload the LoRA (pipe.unload_lora_weights()) for this call")
+        unet = self.manifest["components"].get(self.manifest.get("controlnet_unet"), {})
+        if self.get_active_adapters() and not unet.get("weights"):
+            raise GenerationError("this model's ControlNet UNet was exported without a weight map, so a LoRA cannot apply "
+                                  "to it; re-export the model with this sdrt, or unload the LoRA for this call")
         load = lambda im: load_image(im, req.height, req.width, "control image", normalize=False)  # noqa: E731
         controls = make_controls(self.manifest, control_image, scale, start, end, controlnet, load)
         return [replace(c, image=per_image(c.image, req, "control image")) for c in controls]

@@ -243,6 +243,23 @@ def test_inpainting_matches_diffusers(checkpoint, controlnets, pipe, monkeypatch
              mask_image=MASK, strength=0.8, controlnet_conditioning_scale=[0.5, 1.0])
 
 
+def test_lora_with_controlnet_matches_diffusers(checkpoint, controlnets, pipe, monkeypatch, tmp_path):
+    """A LoRA applies to the ControlNet UNet too (its weight map: the UNet's module names), as diffusers'
+    load_lora_weights on a ControlNet pipeline changes its UNet."""
+    pytest.importorskip("peft")
+    from test_lora import make_lora
+
+    lora = make_lora(checkpoint("sd1"), tmp_path / "lora", 0, "kohya")
+    ref, sdrt_pipe = reference(checkpoint, controlnets, "sd1", ("edges",)), pipe("sd1")
+    ref.load_lora_weights(str(lora))
+    sdrt_pipe.load_lora_weights(lora)
+    try:
+        run_pair(ref, sdrt_pipe, monkeypatch, ("edges",), controlnet_conditioning_scale=0.7)
+    finally:
+        sdrt_pipe.unload_lora_weights()
+        ref.unload_lora_weights()
+
+
 # ---------------------------------------------------------------------------------------------- the runtime
 
 
