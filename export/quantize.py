@@ -150,7 +150,7 @@ def quantize_model(model_dir: str | os.PathLike, method: str = "ort-static", pro
                    seed: int = 0, log=print) -> dict:
     """Write the int8 UNet of ``model_dir`` and record it in sdrt.json; returns the variant's record."""
     from sdrt import __version__
-    from sdrt.runtime.files import sha256_file, write_json_atomic
+    from sdrt.runtime.files import default_mode, sha256_file, write_json_atomic
     from sdrt.runtime.manifest import load_manifest
     from sdrt.runtime.precision import is_inside
 
@@ -202,7 +202,8 @@ def quantize_model(model_dir: str | os.PathLike, method: str = "ort-static", pro
             "sdrt_version": __version__,
         }
         old = (rec.get("variants") or {}).get("int8") or {}
-        for name in made:
+        for name in made:  # readable as the rest of the model directory (the quantizer writes some files private)
+            os.chmod(tmp / name, default_mode())
             os.replace(tmp / name, unet_dir / name)
         manifest = load_manifest(model_dir)  # as it is now: only our key changes
         manifest["components"][COMPONENT].setdefault("variants", {})["int8"] = variant
