@@ -293,29 +293,11 @@ def run_diffusers(spec: dict) -> dict:
     t_load = time.perf_counter()
 
     latents = torch.from_numpy(np.load(spec["latents"])).to(device=device, dtype=dtype)
-    call = dict(
-        prompt=spec["prompt"], negative_prompt=spec.get("negative_prompt"), num_inference_steps=spec["steps"],
-        guidance_scale=spec["guidance"], height=spec["height"], width=spec["width"],
-        num_images_per_prompt=spec["batch"], latents=latents, output_type="np",
-    )
-    runs, image, first_s = [], None, None
-    for i in range(spec["warmup"] + spec["runs"]):
-        for v in stages.values():
-            v.clear()
+    def before():
         gen[0] = np.random.default_rng(spec["seed"])
         sync()
-        t0 = time.perf_counter()
-        out = pipe(**call)
-        sync()
-        t1 = time.perf_counter()
-        if i == 0:
-            first_s = t1 - t0
-            _mark_first_image()
-        if i >= spec["warmup"]:
-            runs.append({"end_to_end": t1 - t0, "text_encoder": float(sum(stages["text_encoder"])),
-                         "unet": [float(x) for x in stages["unet"]], "vae_decoder": float(sum(stages["vae_decoder"]))})
-            if image is None:
-                image = np.asarray(out.images, dtype=np.float32)
+
+    runs, image, first_s = _timed_runs(pipe, spec, latents, stages, before=before, after=sync)
     extra = {}
     if device == "cuda":
         extra["torch_cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -371,26 +353,7 @@ def run_optimum(spec: dict) -> dict:
         part.forward = timed
     t_load = time.perf_counter()
     latents = torch.from_numpy(np.load(spec["latents"]))
-    call = dict(
-        prompt=spec["prompt"], negative_prompt=spec.get("negative_prompt"), num_inference_steps=spec["steps"],
-        guidance_scale=spec["guidance"], height=spec["height"], width=spec["width"],
-        num_images_per_prompt=spec["batch"], latents=latents, output_type="np",
-    )
-    runs, image, first_s = [], None, None
-    for i in range(spec["warmup"] + spec["runs"]):
-        for v in stages.values():
-            v.clear()
-        t0 = time.perf_counter()
-        out = pipe(**call)
-        t1 = time.perf_counter()
-        if i == 0:
-            first_s = t1 - t0
-            _mark_first_image()
-        if i >= spec["warmup"]:
-            runs.append({"end_to_end": t1 - t0, "text_encoder": float(sum(stages["text_encoder"])),
-                         "unet": [float(x) for x in stages["unet"]], "vae_decoder": float(sum(stages["vae_decoder"]))})
-            if image is None:
-                image = np.asarray(out.images, dtype=np.float32)
+    runs, image, first_s = _timed_runs(pipe, spec, latents, stages)
     precision = "unknown"
     try:
         hint = str(pipe.unet.request.get_property("INFERENCE_PRECISION_HINT")).lower()  # "<Type: 'bfloat16'>"
@@ -405,6 +368,35 @@ def run_optimum(spec: dict) -> dict:
         "import_s": t_import - T_START, "load_s": t_load - t_import, "first_call_s": first_s, "runs": runs,
         "image": image,
     }
+
+
+def _timed_runs(pipe, spec: dict, latents, stages: dict, before=lambda: None, after=lambda: None):
+    """A diffusers-style pipeline's warm-up and timed runs of the spec's call: (runs with per-stage seconds from
+    ``stages``' hooks, the first timed image, the first call's seconds). ``before`` runs before the clock starts (the
+    noise source reset, a device sync), ``after`` before it stops (a device sync)."""
+    call = dict(
+        prompt=spec["prompt"], negative_prompt=spec.get("negative_prompt"), num_inference_steps=spec["steps"],
+        guidance_scale=spec["guidance"], height=spec["height"], width=spec["width"],
+        num_images_per_prompt=spec["batch"], latents=latents, output_type="np",
+    )
+    runs, image, first_s = [], None, None
+    for i in range(spec["warmup"] + spec["runs"]):
+        for v in stages.values():
+            v.clear()
+        before()
+        t0 = time.perf_counter()
+        out = pipe(**call)
+        after()
+        t1 = time.perf_counter()
+        if i == 0:
+            first_s = t1 - t0
+            _mark_first_image()
+        if i >= spec["warmup"]:
+            runs.append({"end_to_end": t1 - t0, "text_encoder": float(sum(stages["text_encoder"])),
+                         "unet": [float(x) for x in stages["unet"]], "vae_decoder": float(sum(stages["vae_decoder"]))})
+            if image is None:
+                image = np.asarray(out.images, dtype=np.float32)
+    return runs, image, first_s
 
 
 # -- GPU matmul roofline --------------------------------------------------------------------------------
