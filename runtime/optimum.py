@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from .errors import ModelDirError
+from .families import FAMILIES
 from .files import replace_dir
 from .manifest import FORMAT_VERSION, INPAINTING, MANIFEST_NAME, TEXT_TO_IMAGE, check_manifest
 
@@ -188,10 +189,9 @@ def derive_manifest(src: Path, out: Path) -> dict:
                             "sdrt runs text-to-image and inpainting UNets")
     vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
 
-    tokenizers = [_tokenizer_record(src, "tokenizer", out)]
-    encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
-    if family == "sdxl":
-        tokenizers.append(_tokenizer_record(src, "tokenizer_2", out))
+    rules = FAMILIES[family]
+    encoders = list(rules.text_encoders)
+    tokenizers = [_tokenizer_record(src, name.replace("text_encoder", "tokenizer"), out) for name in encoders]
     L = tokenizers[0]["max_length"]
     components = {}
 
@@ -210,18 +210,15 @@ def derive_manifest(src: Path, out: Path) -> dict:
         ins, outs = _graph_io(path)
         in_names = ["input_ids"] + (["attention_mask"] if any(n == "attention_mask" for n, _, _ in ins) else [])
         cfg = te_cfg if name == "text_encoder" else _read(src / name / "config.json")
-        if family == "sdxl":  # penultimate layer's states (and the pooled embedding of the second), as diffusers
-            layers = int(cfg.get("num_hidden_layers", sum(n.startswith("hidden_states.") for n, _, _ in outs) - 1))
-            out_names = [f"hidden_states.{layers - 1}"] + (["text_embeds"] if name == "text_encoder_2" else [])
-        else:
-            out_names = ["last_hidden_state"]
+        layers = int(cfg.get("num_hidden_layers", sum(n.startswith("hidden_states.") for n, _, _ in outs) - 1))
+        out_names = rules.text_encoder_outputs(name, layers)
         text_dims = ["batch", L]
         inputs = [dict(_spec(*next(r for r in ins if r[0] == n), text_dims), shape=["batch", L]) for n in in_names]
         outputs = _pick(path, outs, out_names, [], lambda n: ["batch", L, None] if n != "text_embeds" else ["batch"])
         components[name] = record(name, inputs, outputs)
 
     ins, outs = _graph_io(src / "unet" / "model.onnx")
-    names = ["sample", "timestep", "encoder_hidden_states"] + (["text_embeds", "time_ids"] if family == "sdxl" else [])
+    names = ["sample", "timestep", "encoder_hidden_states", *rules.unet_added_inputs]
 
     def unet_dims(n):
         return {"sample": _DIMS["unet"], "encoder_hidden_states": ["batch", "text_length"],
@@ -253,8 +250,7 @@ def derive_manifest(src: Path, out: Path) -> dict:
         "vae_scaling": "runtime",
         "native_resolution": int(unet_cfg.get("sample_size", 64)) * vae_scale,
         "scheduler_class": scheduler.get("_class_name"),
-        **({"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
-            "addition_time_embed_dim": unet_cfg.get("addition_time_embed_dim")} if family == "sdxl" else {}),
+        **rules.import_facts(index, unet_cfg),
         "tokenizers": tokenizers,
         "components": components,
         "engines": {},

@@ -96,6 +96,15 @@ class Family:
     default_guidance: float = 7.5
     has_pooled: bool = False  # whether the UNet also takes a pooled text embedding
     refines: bool = False  # an image-to-image model only (the SDXL refiner): it needs an image or latents
+    unet_added_inputs: tuple[str, ...] = ()  # the UNet's inputs after encoder_hidden_states, as optimum names them
+
+    def text_encoder_outputs(self, encoder: str, num_layers: int) -> list[str]:
+        """The outputs of ``encoder`` (optimum's names) that the family conditions on, in record order."""
+        return ["last_hidden_state"]
+
+    def import_facts(self, model_index: dict, unet_config: dict) -> dict:
+        """The family's own manifest facts, for a model directory read from optimum's layout."""
+        return {}
 
     def text_states(self, engines, manifest: dict, token_ids: list[np.ndarray],
                     masks: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], np.ndarray | None]:

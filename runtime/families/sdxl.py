@@ -16,6 +16,15 @@ class StableDiffusionXL(Family):
     required = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
     default_guidance = 5.0
     has_pooled = True
+    unet_added_inputs = ("text_embeds", "time_ids")
+
+    def text_encoder_outputs(self, encoder, num_layers):
+        # the penultimate layer's states (and the second encoder's pooled embedding), as diffusers takes them
+        return [f"hidden_states.{num_layers - 1}"] + (["text_embeds"] if encoder == "text_encoder_2" else [])
+
+    def import_facts(self, model_index, unet_config):
+        return {"force_zeros_for_empty_prompt": bool(model_index.get("force_zeros_for_empty_prompt", True)),
+                "addition_time_embed_dim": unet_config.get("addition_time_embed_dim")}
 
     def text_states(self, engines, manifest, token_ids, masks=None):
         h1 = run_text_encoder(engines, manifest, "text_encoder", token_ids[0], masks and masks[0])[0]
