@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from sdrt.runtime.errors import SdrtError
 
@@ -40,6 +43,30 @@ class Checkpoint:
     extras: dict = field(default_factory=dict)
     vae_source: Path | None = None  # the --vae folder the VAE came from (None: the checkpoint's own)
     controlnets: list = field(default_factory=list)  # --controlnet folders, loaded (export/controlnet.py)
+    # modules whose weights are still on disk (made on the meta device: structure, config and attributes
+    # alone), by field name, with what loads them: each is loaded only while a component uses it (loaded())
+    on_disk: dict[str, Callable] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def loaded(self, wrapper):
+        """The weights of the checkpoint's modules that ``wrapper`` computes with, loaded from disk for the
+        duration and released after: a real-size checkpoint is exported holding one component in memory."""
+        inside = {id(m) for m in wrapper.modules()}
+        names = [n for n in self.on_disk if id(getattr(self, n)) in inside]
+        saved = {}
+        try:
+            for n in names:
+                skeleton = getattr(self, n)
+                fresh = self.on_disk[n]()
+                saved[n] = dict(skeleton.__dict__)
+                skeleton.__dict__.update(fresh.__dict__)  # the skeleton object (which wrappers hold) becomes the module
+                del fresh
+            yield
+        finally:
+            for n, state in saved.items():
+                skeleton = getattr(self, n)
+                skeleton.__dict__.clear()
+                skeleton.__dict__.update(state)  # back to the meta-device skeleton: the weights are freed
 
 
 def _read_json(path: Path) -> dict:
@@ -175,6 +202,41 @@ def _quiet_libraries() -> None:
         log.disable_progress_bar()
 
 
+class _OnDisk:
+    """A diffusers folder's pipeline as the family reads it (``family.modules``), its models' weights left on
+    disk: each model is made on the meta device from its config and loaded when a component is exported
+    (Checkpoint.loaded), with the class and ``from_pretrained`` diffusers' own pipeline loading would use."""
+
+    def __init__(self, root: Path, model_index: dict, folders, vae_module=None):
+        import torch
+
+        self.config, self.loaders = model_index, {}
+        for name in folders:
+            entry = model_index.get(name)
+            if name == "scheduler" or not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+                continue
+            cls = getattr(importlib.import_module(entry[0]), entry[1])
+            folder = root / name
+            if name.startswith("tokenizer"):
+                value = cls.from_pretrained(folder, local_files_only=True)
+            elif name == "vae" and vae_module is not None:
+                value = vae_module  # --vae: diffusers' vae= argument
+            else:
+                with torch.device("meta"):
+                    value = (cls.from_config(cls.load_config(folder)) if hasattr(cls, "load_config")  # diffusers
+                             else cls._from_config(cls.config_class.from_pretrained(folder)))  # transformers
+                self.loaders[name] = lambda cls=cls, folder=folder: _load_module(cls, folder)
+            setattr(self, name, value)
+
+
+def _load_module(cls, folder: Path):
+    try:
+        return cls.from_pretrained(folder, local_files_only=True).float().eval()
+    except Exception as e:  # a corrupt or truncated weights file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load {folder}: {type(e).__name__}: {msg} (is a weights file corrupt or truncated?)") from e
+
+
 def _load_pipeline(source: Path, config: Path | None, vae: tuple[Path, dict] | None = None):
     import diffusers
 
@@ -182,8 +244,7 @@ def _load_pipeline(source: Path, config: Path | None, vae: tuple[Path, dict] | N
 
     if source.is_dir():
         family, loader, model_index = _inspect(source, vae)
-        kwargs = dict(family.load_kwargs, **({"vae": load_vae(vae)} if vae else {}))  # diffusers' vae= argument
-        pipe = getattr(diffusers, loader).from_pretrained(source, local_files_only=True, **kwargs)
+        pipe = _OnDisk(source, model_index, family.checkpoint_folders, load_vae(vae) if vae else None)
         return family, model_index, pipe, source
     if not source.exists():
         raise CheckpointError(f"checkpoint {source} does not exist")
@@ -219,8 +280,10 @@ def inspect_checkpoint_configs(config: Path) -> tuple[str, dict]:
 
 
 def load_checkpoint(path: str | Path, config: str | Path | None = None, vae: str | Path | None = None) -> Checkpoint:
-    """Load every component of a checkpoint in fp32, eval mode, on the CPU; ``vae``: a diffusers VAE folder
-    to take instead of the checkpoint's own (inspect_vae), as diffusers' ``from_pretrained(..., vae=)``."""
+    """Open a checkpoint: every component in fp32, eval mode, on the CPU; a diffusers folder's models with their
+    weights still on disk, loaded one at a time by ``Checkpoint.loaded`` (a single-file checkpoint is loaded
+    whole, by diffusers' ``from_single_file``). ``vae``: a diffusers VAE folder to take instead of the
+    checkpoint's own (inspect_vae), as diffusers' ``from_pretrained(..., vae=)``."""
     from .families import unet_task
 
     source = Path(path)
@@ -237,4 +300,5 @@ def load_checkpoint(path: str | Path, config: str | Path | None = None, vae: str
     modules = family.modules(pipe)
     task = unet_task(modules["unet"].config.in_channels, modules["vae"].config.latent_channels, source)
     return Checkpoint(family.name, source, model_index, scheduler_config, task=task,
-                      vae_source=vae_folder[0].absolute() if vae_folder else None, **modules)
+                      vae_source=vae_folder[0].absolute() if vae_folder else None,
+                      on_disk=getattr(pipe, "loaders", {}), **modules)

@@ -48,6 +48,13 @@ class Component:
     folder: str | None = None
     # the config.json written beside the graph when not the checkpoint module's (exporter.component_config)
     config: dict | None = None
+    # the shape (batch, latent_h, latent_w) traced at, when not the first validation shape: any shape the
+    # graph's dynamic dimensions generalise from (a UNet at a small latent size, to bound the tracer's memory)
+    trace_at: tuple[int, int, int] | None = None
+
+    @property
+    def trace_shape(self) -> tuple[int, int, int]:
+        return self.trace_at or self.validation_shapes[0]
 
     @property
     def all_outputs(self) -> list[TensorSpec]:

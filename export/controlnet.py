@@ -237,6 +237,7 @@ def controlnet_components(family, ckpt, L: int, ctx_dim: int) -> list:
         lambda b, h, w: unet_comp.sample(b, h, w) + residual_sample(b, h, w),
         unet_comp.validation_shapes,
         config=unet_cfg,
+        trace_at=unet_comp.trace_at,
     )]
     for src in sources:
         cn = src.module
@@ -267,6 +268,7 @@ def controlnet_components(family, ckpt, L: int, ctx_dim: int) -> list:
             unet_comp.validation_shapes,
             folder=f"{CONTROLNET_FOLDER}/{src.name}",
             config=config,
+            trace_at=unet_comp.trace_at,
         ))
     return comps
 

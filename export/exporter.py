@@ -7,6 +7,7 @@ one is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from . import families, onnx_graph, weights
 from .tokenizer_files import CLASSIC_FILES, write_classic_files
 from .checkpoint import Checkpoint, CheckpointError, inspect_vae, load_checkpoint
 from .controlnet import inspect_controlnets, load_controlnets
-from .validate import FP16_MAX_REL, FP32_MAX_REL, ValidationError, validate
+from .validate import FP16_MAX_REL, FP32_MAX_REL, ValidationError, compare, reference
 
 
 class ExportError(SdrtError, RuntimeError):
@@ -185,11 +186,18 @@ def _export_into(ckpt: Checkpoint, work: Path, *, fp16: bool, fp16_vae: bool, op
         dest = work / folder
         dest.mkdir(parents=True)
         lora = comp.name in weights.LORA_COMPONENTS
-        external = onnx_graph.export_graph(comp, dest / "model.onnx", opset, fp16=half, lora=lora)
+        with contextlib.ExitStack() as held:
+            # the module's weights are in memory from here until the graph is mapped (LoRA), not during its
+            # save or its validation: the reference outputs are computed first
+            held.enter_context(ckpt.loaded(comp.module))
+            refs = reference(comp)
+            external = onnx_graph.export_graph(comp, dest / "model.onnx", opset, fp16=half, lora=lora,
+                                               release=held.close)
         release_memory()
         t_export = time.perf_counter() - t
         try:
-            val = validate(comp, dest / "model.onnx")
+            val = compare(comp, dest / "model.onnx", refs)
+            del refs
         except ValidationError as e:
             raise ExportError(str(e)) from e
         except Exception as e:

@@ -60,7 +60,6 @@ class StableDiffusion:
         INPAINTING: ("StableDiffusionInpaintPipeline",),
     }
     loaders = {TEXT_TO_IMAGE: "StableDiffusionPipeline", INPAINTING: "StableDiffusionInpaintPipeline"}
-    load_kwargs = dict(safety_checker=None, requires_safety_checker=False)  # the safety checker is not exported
     checkpoint_folders = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
     takes_controlnet = True  # diffusers' StableDiffusion[XL]ControlNet*Pipeline run this family with ControlNets
 
@@ -167,6 +166,7 @@ class StableDiffusion:
             [TensorSpec("out_sample", "float32", [BATCH, c_out, LAT_H, LAT_W])],
             sample,
             [(2, lat, lat), (1, small, max(f, (lat * 3 // 4) // f * f))],
+            trace_at=(2, small, small),
         )
 
     # -- the manifest ---------------------------------------------------------------------
@@ -203,7 +203,6 @@ class StableDiffusionXL(StableDiffusion):
         INPAINTING: ("StableDiffusionXLInpaintPipeline",),
     }
     loaders = {TEXT_TO_IMAGE: "StableDiffusionXLPipeline", INPAINTING: "StableDiffusionXLInpaintPipeline"}
-    load_kwargs = {}
     checkpoint_folders = StableDiffusion.checkpoint_folders + ("text_encoder_2", "tokenizer_2")
     TIME_IDS = 6
 

@@ -9,11 +9,15 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from typing import Callable
+
+import numpy as np
 import onnx
 import torch
 
 from sdrt.runtime.files import default_mode, release_memory
 
+from . import external as ext
 from . import weights
 from .components import Component
 
@@ -23,17 +27,25 @@ EXTERNAL_DATA_NAME = "model.onnx_data"
 
 
 def is_large(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` is past protobuf's 2 GB limit. ByteSize() itself fails there, so the
-    initializers and nodes are measured one by one (each is far below the limit)."""
+    """Whether ``model``'s proto is past protobuf's 2 GB limit (its weights on disk not counted). ByteSize()
+    itself fails there, so the initializers and nodes are measured one by one (each is far below the limit)."""
     g = model.graph
     size = sum(t.ByteSize() for t in g.initializer) + sum(n.ByteSize() for n in g.node)
     return size > PROTOBUF_LIMIT - (64 << 20)  # headroom for graph metadata
 
 
+def _too_large(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` with every weight inside would be past protobuf's 2 GB limit."""
+    return ext.data_bytes(model) + sum(n.ByteSize() for n in model.graph.node) > PROTOBUF_LIMIT - (64 << 20)
+
+
 def trace(comp: Component, path: Path, opset: int = OPSET) -> None:
     """torch -> ONNX with named dynamic axes (TorchScript exporter: the path TensorRT's and ONNX
-    Runtime's own Stable Diffusion tools use, and whose dynamic_axes naming we keep)."""
-    sample = comp.sample(*comp.validation_shapes[0])
+    Runtime's own Stable Diffusion tools use, and whose dynamic_axes naming we keep), at the component's
+    trace shape. Without the tracer's constant folding: it would make a transposed copy of every Linear
+    weight while the module still holds the original (1.8x a UNet's weights in memory); those transposes
+    are folded afterwards, one weight at a time (fold_weight_transposes), and the rest by polygraphy."""
+    sample = comp.sample(*comp.trace_shape)
     names_in = [t.name for t in comp.inputs]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes
@@ -46,32 +58,69 @@ def trace(comp: Component, path: Path, opset: int = OPSET) -> None:
             output_names=[t.name for t in comp.all_outputs],
             dynamic_axes=comp.dynamic_axes,
             opset_version=opset,
-            do_constant_folding=True,
+            do_constant_folding=False,
         )
 
 
-def export_graph(comp: Component, dest: Path, opset: int = OPSET, fp16: bool = False, lora: bool = False) -> bool:
+def export_graph(comp: Component, dest: Path, opset: int = OPSET, fp16: bool = False, lora: bool = False,
+                 release: Callable[[], None] = lambda: None) -> bool:
     """Trace ``comp``, clean and optimize the graph, optionally convert it to fp16, save it at
     ``dest`` and check it. Returns whether the weights went to external data. With ``lora`` the
     weights always go to external data and the weight map (export/weights.py) is written beside it.
+    ``release`` is called as soon as the torch module's weights are no longer needed (before the fp16
+    conversion and the save), so that a caller can free them.
 
-    Memory matters at real sizes (an SD 1.5 UNet is 3.4 GB of fp32 weights): the graph is
-    optimized while the weights the tracer wrote stay on disk, and they are read into memory
-    once, to be saved.
+    Memory matters at real sizes (an SDXL UNet is 10.3 GB of fp32 weights): the weights the tracer
+    wrote stay on disk while the graph is worked on, and each is read once, alone, to be saved
+    (export/external.py).
     """
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".trace-") as scratch:
-        raw = Path(scratch) / "model.onnx"
+        scratch = Path(scratch)
+        raw = scratch / "model.onnx"
         trace(comp, raw, opset)
-        model = _optimized(raw)
-        onnx.load_external_data_for_model(model, scratch)  # no-op when the tracer embedded them
-    add_input_defaults(model, comp.defaults)
-    mapped = weights.map_weights(comp.module, model) if lora else None  # on the fp32 values
-    if fp16:
-        model = to_fp16(model)
-    external = save(model, dest, external=lora or None)
+        model = onnx.load(str(raw), load_external_data=False)
+        fold_weight_transposes(model, scratch)
+        model = _optimized(model, scratch)
+        mapped = weights.map_weights(comp.module, model, scratch) if lora else None  # on the fp32 values
+        release()
+        release_memory()
+        add_input_defaults(model, comp.defaults)
+        model, convert = to_fp16(model) if fp16 else (model, {})
+        external = save(model, dest, scratch, external=lora or None, convert=convert)
     if mapped is not None:
         weights.write_weight_map(*mapped, dest)
     return external
+
+
+def fold_weight_transposes(model: onnx.ModelProto, base: Path) -> None:
+    """Replace each Transpose of an initializer (the tracer's Linear -> MatMul(x, Transpose(W))) by the
+    transposed initializer, made one weight at a time and written to its own file under ``base``; an
+    initializer no longer used is dropped (and its file, the tracer's, removed)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    kept, folded = [], []
+    for node in graph.node:
+        t = inits.get(node.input[0]) if node.op_type == "Transpose" and node.input else None
+        if t is None:
+            kept.append(node)
+            continue
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        a = ext.read(t, base)
+        folded.append(ext.tensor(node.output[0], a.transpose(perm), base / f"folded_{len(folded)}.bin", base,
+                                 on_disk=ext.is_external(t)))
+        del a
+        uses[t.name] -= 1
+        if not uses[t.name]:
+            graph.initializer.remove(t)
+            if ext.is_external(t):
+                (base / ext.info(t)["location"]).unlink(missing_ok=True)
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(folded)
 
 
 def add_input_defaults(model: onnx.ModelProto, defaults: dict) -> None:
@@ -95,20 +144,20 @@ def _working_directory(path: Path):
         os.chdir(old)
 
 
-def _optimized(raw: Path) -> onnx.ModelProto:
+def _optimized(model: onnx.ModelProto, base: Path) -> onnx.ModelProto:
     """onnx-graphsurgeon cleanup + toposort, polygraphy constant folding, shape inference, on the
-    graph with its large weights left in the tracer's external files."""
+    graph with its large weights left in their external files under ``base``."""
     import onnx_graphsurgeon as gs
     from polygraphy.backend.onnx import fold_constants
 
     _quiet_tools()
-    graph = gs.import_onnx(onnx.load(str(raw), load_external_data=False))
+    graph = gs.import_onnx(model)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     del graph
     # Polygraphy hands the model to ONNX Runtime as bytes, and ONNX Runtime then resolves external
     # weights against the working directory: run there, so subgraphs that fold weights still fold.
-    with _working_directory(raw.parent):
+    with _working_directory(base):
         model = fold_constants(model, error_ok=True)
         graph = gs.import_onnx(model)
         graph.cleanup().toposort()
@@ -126,15 +175,27 @@ def _quiet_tools() -> None:
     ort.set_default_logger_severity(3)
 
 
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     """fp16 weights and compute, fp32 inputs and outputs, with ONNX Runtime's converter (its fork of
     onnxconverter-common keeps Cast nodes consistent; the original leaves the UNet's timestep
-    projection Cast typed float32 with a float16 output, which no runtime loads)."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    projection Cast typed float32 with a float16 output, which no runtime loads).
 
-    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=is_large(model))
+    The converter retypes a weight on disk without reading it (it converts raw data only); it would read
+    one to learn its shape, which it is given from the tensor's dims instead. Returns the converted model
+    and what ``save`` needs to convert those weights as it streams them: {name: (float32, the converter's
+    own rounding)}."""
+    from unittest import mock
+
+    from onnx import helper
+    from onnxruntime.transformers import float16
+
+    on_disk = {t.name for t in model.graph.initializer if ext.is_external(t) and t.data_type == onnx.TensorProto.FLOAT}
+    with mock.patch.object(float16, "make_value_info_from_tensor",
+                           lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))):
+        model = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=is_large(model))
     _toposort_in_place(model.graph)  # the converter appends the input Casts at the end
-    return model
+    return model, {t.name: (np.float32, float16.convert_np_to_float16) for t in model.graph.initializer
+                   if t.name in on_disk and t.data_type == onnx.TensorProto.FLOAT16}
 
 
 def _toposort_in_place(graph: onnx.GraphProto) -> None:
@@ -168,25 +229,19 @@ def _toposort_in_place(graph: onnx.GraphProto) -> None:
     graph.node.extend(copies)
 
 
-def save(model: onnx.ModelProto, path: Path, external: bool | None = None) -> bool:
+def save(model: onnx.ModelProto, path: Path, base: Path | None = None, external: bool | None = None,
+         convert: dict | None = None) -> bool:
     """Save ``model`` at ``path``; past 2 GB (or when ``external`` says so) the weights go to one
-    external file beside it. Returns whether external data was used. The saved model is checked by path."""
+    external file beside it, streamed from wherever they lie (``base``: the folder of their files, whose
+    files are consumed). Returns whether external data was used. The saved model is checked by path."""
     path = Path(path)
-    external = is_large(model) if external is None else external
+    external = _too_large(model) if external is None else external
+    with _working_directory(path.parent):
+        ext.save(model, path, base, EXTERNAL_DATA_NAME, external, convert, consume=base is not None)
+    del model
+    release_memory()
+    os.chmod(path, default_mode())
     if external:
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=EXTERNAL_DATA_NAME,
-            size_threshold=1024,
-            convert_attribute=False,
-        )
-        del model
-        release_memory()
-        os.chmod(path.parent / EXTERNAL_DATA_NAME, default_mode())  # onnx writes it private
-    else:
-        onnx.save_model(model, str(path))
+        os.chmod(path.parent / EXTERNAL_DATA_NAME, default_mode())
     onnx.checker.check_model(str(path))  # the path-based checker follows external data
     return external

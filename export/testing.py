@@ -10,7 +10,10 @@ Families: ``sd1``, ``sd2`` (v-prediction, OpenCLIP-style text encoder), ``sdxl``
 text_time embeddings) are small (an export takes seconds); ``sd1-inpaint``, ``sd2-inpaint`` and
 ``sdxl-inpaint`` are the same with an inpainting UNet (9 input channels: latents, mask, masked-image
 latents) under diffusers' inpainting pipeline classes; ``sd1-full`` has the real Stable Diffusion
-1.5 sizes (UNet ~860M parameters) for export and benchmark work at scale.
+1.5 sizes (UNet ~860M parameters) and ``sdxl-full`` SDXL base 1.0's (UNet 2.6B parameters, CLIP ViT-L and
+OpenCLIP ViT-bigG text encoders) for export and benchmark work at scale. Each component is made, written in
+shards of at most 2 GB and released before the next is made, so that building ``sdxl-full`` needs its largest
+component (the UNet, 10.3 GB) in memory once, not the whole model.
 
 A ControlNet folder, for ``sdrt export CHECKPOINT --controlnet DIR``: ``controlnet --from CHECKPOINT``
 (``ControlNetModel.from_unet`` of the checkpoint's UNet, its zero-initialized convolutions given random weights
@@ -40,7 +43,8 @@ from typing import Iterable
 
 from .tokenizer_files import write_classic_files
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sd1-inpaint", "sd2-inpaint", "sdxl-inpaint", "sdxl-refiner", "sd1-full")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd1-inpaint", "sd2-inpaint", "sdxl-inpaint", "sdxl-refiner", "sd1-full", "sdxl-full")
+SHARD_SIZE = "2GB"  # save_pretrained's max_shard_size: a component is written (and its bytes copied) a shard at a time
 VAES = ("kl-vae", "taesd", "taesd-full")
 CONTROLNET = "controlnet"
 INPAINT_SUFFIX = "-inpaint"
@@ -264,6 +268,37 @@ def family_spec(family: str) -> dict:
             pipeline="StableDiffusionPipeline",
             model_index=SD_INDEX,
         )
+    if family == "sdxl-full":
+        # stabilityai/stable-diffusion-xl-base-1.0's configs: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (with the
+        # projection) text towers, the 2.6B-parameter UNet, the SD VAE at 1024 pixels
+        return dict(
+            text_encoder=_clip_text(768, 12, "quick_gelu", 1, projection_dim=768, heads=12),
+            text_encoder_2=_clip_text(1280, 32, "gelu", 1, projection_dim=1280, heads=20),
+            tokenizer_pad="<|endoftext|>",
+            tokenizer_2_pad="!",
+            unet=dict(
+                sample_size=128,
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=[320, 640, 1280],
+                layers_per_block=2,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                cross_attention_dim=2048,
+                attention_head_dim=[5, 10, 20],
+                use_linear_projection=True,
+                transformer_layers_per_block=[1, 2, 10],
+                addition_embed_type="text_time",
+                addition_embed_type_num_heads=64,
+                addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816,  # six time ids x 256 + the 1280-wide pooled embedding
+                norm_num_groups=32,
+            ),
+            vae=dict(family_spec("sd1-full")["vae"], sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+            scheduler=SDXL_SCHEDULER,
+            pipeline="StableDiffusionXLPipeline",
+            model_index=SDXL_INDEX,
+        )
     raise ValueError(f"unknown test family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
@@ -371,20 +406,20 @@ def build_checkpoint(family: str, out_dir: str | os.PathLike, seed: int = 0) -> 
     with torch.no_grad():
         if "text_encoder" in spec:  # not an SDXL refiner's
             te = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"])).eval()
-            te.save_pretrained(out / "text_encoder")
+            te.save_pretrained(out / "text_encoder", max_shard_size=SHARD_SIZE)
             del te
             write_clip_tokenizer(out / "tokenizer", spec["tokenizer_pad"])
         if "text_encoder_2" in spec:
             te2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"])).eval()
-            te2.save_pretrained(out / "text_encoder_2")
+            te2.save_pretrained(out / "text_encoder_2", max_shard_size=SHARD_SIZE)
             del te2
             write_clip_tokenizer(out / "tokenizer_2", spec["tokenizer_2_pad"])
         unet = UNet2DConditionModel(**spec["unet"]).eval()
         _perturb_zero_init(unet, seed)
-        unet.save_pretrained(out / "unet")
+        unet.save_pretrained(out / "unet", max_shard_size=SHARD_SIZE)
         del unet
         vae = AutoencoderKL(**spec["vae"]).eval()
-        vae.save_pretrained(out / "vae")
+        vae.save_pretrained(out / "vae", max_shard_size=SHARD_SIZE)
         del vae
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(spec["scheduler"], indent=2) + "\n")

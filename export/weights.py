@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 import torch
 
+from . import external
+
 WEIGHTS_NAME = "weights.json"
 # the components whose weights LoRA files address (diffusers' and kohya's prefixes name these), and the UNet
 # taking ControlNet residuals (the UNet's own weights under the same module names: the unet's updates apply)
@@ -55,24 +57,28 @@ def _fingerprint(a: np.ndarray) -> tuple:
     return a.shape, flat[:: max(1, flat.size // 61)][:64].tobytes()
 
 
-def _raw(t: onnx.TensorProto) -> np.ndarray | None:
-    dtype = _DTYPES.get(t.data_type)
-    if dtype is None or not t.raw_data:
+def _raw(t: onnx.TensorProto, base: Path | None) -> np.ndarray | None:
+    """The weight's values (mapped when on disk), or None for a tensor that holds no float weight."""
+    if t.data_type not in _DTYPES or not (t.raw_data or (base is not None and external.is_external(t))):
         return None
-    return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
+    return external.read(t, base, mmap=True)
 
 
-def map_weights(wrapper: torch.nn.Module, model: onnx.ModelProto) -> tuple[dict[str, dict], dict[str, list]]:
+def map_weights(wrapper: torch.nn.Module, model: onnx.ModelProto, base: Path | None = None
+                ) -> tuple[dict[str, dict], dict[str, list]]:
     """({module name: {"initializer": name, "transposed": bool}} for every Linear/Conv2d weight of the
-    traced module found in ``model`` (fp32, weights loaded), and the modules not found: "unused" ones
+    traced module found in ``model`` (fp32; weights inside or in external files under ``base``, read one at
+    a time), and the modules not found: "unused" ones
     the graph does not compute at all (the last layer of a text encoder whose penultimate states are
     the output), whose LoRA updates cannot change the output; "unmapped" ones it computes without
     holding their weight as one initializer, whose LoRA updates the runtime refuses."""
     inits = model.graph.initializer
     by_print: dict[tuple, list[int]] = {}  # indices only: protobuf hands out a copy of raw_data on each read
     for i, t in enumerate(inits):
-        a = _raw(t)
-        if a is not None and a.ndim in (2, 4):
+        if len(t.dims) not in (2, 4):
+            continue
+        a = _raw(t, base)
+        if a is not None:
             by_print.setdefault(_fingerprint(a), []).append(i)
         del a
     found = {}
@@ -82,7 +88,7 @@ def map_weights(wrapper: torch.nn.Module, model: onnx.ModelProto) -> tuple[dict[
         for transposed, cand in ((False, w), (True, np.ascontiguousarray(w.T) if w.ndim == 2 else None)):
             if cand is None:
                 continue
-            hit = next((inits[i].name for i in by_print.get(_fingerprint(cand), ()) if np.array_equal(_raw(inits[i]), cand)),
+            hit = next((inits[i].name for i in by_print.get(_fingerprint(cand), ()) if np.array_equal(_raw(inits[i], base), cand)),
                        None)
             if hit is not None:
                 found[name] = {"initializer": hit, "transposed": transposed}

@@ -324,7 +324,7 @@ def test_failed_export_keeps_the_previous_model_directory(model_dir, checkpoint,
     def boom(*a, **k):
         raise exporter.ValidationError("unet: simulated failure")
 
-    monkeypatch.setattr(exporter, "validate", boom)
+    monkeypatch.setattr(exporter, "compare", boom)
     with pytest.raises(exporter.ExportError, match="simulated"):
         exporter.export_model(checkpoint("sd1"), out, overwrite=True, log=lambda *_: None)
     assert (out / "sdrt.json").read_bytes() == before
