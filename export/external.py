@@ -31,8 +31,10 @@ def info(t: TensorProto) -> dict:
 
 
 def nbytes(t: TensorProto) -> int:
-    """The tensor's data size in bytes, wherever it lies."""
-    return int(info(t)["length"]) if is_external(t) else t.ByteSize()
+    """The tensor's data size in bytes, wherever it lies (the tracer's records give no length: from the dims)."""
+    if not is_external(t):
+        return t.ByteSize()
+    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 def data_bytes(model: onnx.ModelProto) -> int:
@@ -49,13 +51,13 @@ def read(t: TensorProto, base: Path, dtype=None, mmap: bool = False) -> np.ndarr
         if t.raw_data:
             return np.frombuffer(t.raw_data, dtype=dtype).reshape(shape)
         return onnx.numpy_helper.to_array(t)
-    info = info(t)
-    count = int(info["length"]) // dtype.itemsize
+    record = info(t)
+    count = int(np.prod(shape, dtype=np.int64))
     if mmap:
-        return np.memmap(Path(base) / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+        return np.memmap(Path(base) / record["location"], dtype=dtype, mode="r", offset=int(record.get("offset", 0)),
                          shape=shape)
-    return np.fromfile(Path(base) / info["location"], dtype=dtype, count=count,
-                       offset=int(info.get("offset", 0))).reshape(shape)
+    return np.fromfile(Path(base) / record["location"], dtype=dtype, count=count,
+                       offset=int(record.get("offset", 0))).reshape(shape)
 
 
 def _point(t: TensorProto, location: str, offset: int, length: int) -> None:
@@ -68,17 +70,28 @@ def _point(t: TensorProto, location: str, offset: int, length: int) -> None:
     t.data_location = TensorProto.EXTERNAL
 
 
-def tensor(name: str, array: np.ndarray, path: Path, base: Path, on_disk: bool = True) -> TensorProto:
-    """A TensorProto named ``name`` holding ``array``: embedded when small or not ``on_disk``, else written
-    alone to the file ``path`` (under ``base``, which the record's location is relative to)."""
+def tensor(name: str, array: np.ndarray, path: Path, base: Path) -> TensorProto:
+    """A TensorProto named ``name`` holding ``array``: embedded when small, else written alone to the file
+    ``path`` (under ``base``, which the record's location is relative to)."""
     array = np.ascontiguousarray(array)
-    if array.nbytes < EMBED_BELOW or not on_disk:
+    if array.nbytes < EMBED_BELOW:
         return onnx.numpy_helper.from_array(array, name)
     t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
     with open(path, "wb") as f:
         array.tofile(f)
     _point(t, os.path.relpath(path, base), 0, array.nbytes)
     return t
+
+
+def offload(model: onnx.ModelProto, base: Path) -> None:
+    """Move every tensor of ``model`` embedded in it and of ``EMBED_BELOW`` bytes or more to its own file under
+    ``base``: the tracer embeds the weights of a graph under 2 GB, which every copy of the proto (graphsurgeon,
+    polygraphy, the ONNX Runtime sessions that fold constants) would then copy too."""
+    for i, t in enumerate(model.graph.initializer):
+        if not is_external(t) and t.ByteSize() >= EMBED_BELOW and t.raw_data:
+            path = Path(base) / f"offloaded_{i}.bin"
+            path.write_bytes(t.raw_data)
+            _point(t, path.name, 0, len(t.raw_data))
 
 
 def save(model: onnx.ModelProto, path: Path, base: Path | None, data_name: str, external: bool,

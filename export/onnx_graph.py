@@ -79,6 +79,7 @@ def export_graph(comp: Component, dest: Path, opset: int = OPSET, fp16: bool = F
         raw = scratch / "model.onnx"
         trace(comp, raw, opset)
         model = onnx.load(str(raw), load_external_data=False)
+        ext.offload(model, scratch)
         fold_weight_transposes(model, scratch)
         model = _optimized(model, scratch)
         mapped = weights.map_weights(comp.module, model, scratch) if lora else None  # on the fp32 values
@@ -110,8 +111,7 @@ def fold_weight_transposes(model: onnx.ModelProto, base: Path) -> None:
             continue
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
         a = ext.read(t, base)
-        folded.append(ext.tensor(node.output[0], a.transpose(perm), base / f"folded_{len(folded)}.bin", base,
-                                 on_disk=ext.is_external(t)))
+        folded.append(ext.tensor(node.output[0], a.transpose(perm), base / f"folded_{len(folded)}.bin", base))
         del a
         uses[t.name] -= 1
         if not uses[t.name]:
