@@ -301,4 +301,4 @@ def load_checkpoint(path: str | Path, config: str | Path | None = None, vae: str
     task = unet_task(modules["unet"].config.in_channels, modules["vae"].config.latent_channels, source)
     return Checkpoint(family.name, source, model_index, scheduler_config, task=task,
                       vae_source=vae_folder[0].absolute() if vae_folder else None,
-                      on_disk=getattr(pipe, "loaders", {}), **modules)
+                      on_disk=pipe.loaders if isinstance(pipe, _OnDisk) else {}, **modules)

@@ -94,7 +94,7 @@ def offload(model: onnx.ModelProto, base: Path) -> None:
             _point(t, path.name, 0, len(t.raw_data))
 
 
-def save(model: onnx.ModelProto, path: Path, base: Path | None, data_name: str, external: bool,
+def save(model: onnx.ModelProto, path: Path, base: Path, data_name: str, external: bool,
          convert: dict | None = None, consume: bool = False) -> None:
     """Write ``model`` to ``path``: with ``external``, every tensor of ``EMBED_BELOW`` bytes or more goes to the one
     file ``data_name`` beside it, streamed a tensor at a time (large ones at aligned offsets); without, every

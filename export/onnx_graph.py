@@ -8,7 +8,6 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-
 from typing import Callable
 
 import numpy as np
@@ -229,18 +228,16 @@ def _toposort_in_place(graph: onnx.GraphProto) -> None:
     graph.node.extend(copies)
 
 
-def save(model: onnx.ModelProto, path: Path, base: Path | None = None, external: bool | None = None,
-         convert: dict | None = None) -> bool:
+def save(model: onnx.ModelProto, path: Path, base: Path, external: bool | None = None, convert: dict | None = None) -> bool:
     """Save ``model`` at ``path``; past 2 GB (or when ``external`` says so) the weights go to one
-    external file beside it, streamed from wherever they lie (``base``: the folder of their files, whose
-    files are consumed). Returns whether external data was used. The saved model is checked by path."""
+    external file beside it, streamed from their scratch files under ``base``, which are consumed (``convert``:
+    weights to convert on the way, ``to_fp16``). Returns whether external data was used. The saved model is
+    checked by path."""
     path = Path(path)
     external = _too_large(model) if external is None else external
-    with _working_directory(path.parent):
-        ext.save(model, path, base, EXTERNAL_DATA_NAME, external, convert, consume=base is not None)
+    ext.save(model, path, base, EXTERNAL_DATA_NAME, external, convert, consume=True)
     del model
     release_memory()
-    os.chmod(path, default_mode())
     if external:
         os.chmod(path.parent / EXTERNAL_DATA_NAME, default_mode())
     onnx.checker.check_model(str(path))  # the path-based checker follows external data

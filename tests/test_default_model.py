@@ -93,3 +93,24 @@ def test_a_colour_named_in_the_negative_prompt_is_avoided(pipe):
     prompt: the share of objects drawn in it must at least halve."""
     neg = report.negative_prompt_effect(pipe, 20, 7.5, seed=0)
     assert neg["share_after"] <= neg["share_before"] / 2, neg
+
+
+def test_report_passes_backend_and_precision_to_pipeline_load(monkeypatch, capsys):
+    """`--backend`/`--precision` reach Pipeline.load (defaults: auto, fp32); a precision the backend cannot
+    run ends the report with its one-line error, before any image is made."""
+    from sdrt.runtime.errors import ConfigError
+    from sdrt.runtime.pipeline import Pipeline
+
+    calls = []
+
+    def load(path, **kwargs):
+        calls.append(kwargs)
+        raise ConfigError("not here")
+
+    monkeypatch.setattr(Pipeline, "load", load)
+    assert report.main([]) == 2
+    assert report.main(["--backend", "openvino", "--precision", "bf16"]) == 2
+    assert calls == [{"backend": "auto", "precision": "fp32"}, {"backend": "openvino", "precision": "bf16"}]
+    assert "error: not here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report.main(["--precision", "fp16"])

@@ -2,11 +2,12 @@
 for sdrt's runtime and for diffusers on the same checkpoint, from the same initial latents.
 
     python -m sdrt.export.default_model.report [--model DIR] [--checkpoint CKPT] [--n 64] [--seed 0]
-        [--steps 20] [--guidance 1,3,7.5] [--json FILE] [--grid FILE]
+        [--steps 20] [--guidance 1,3,7.5] [--backend auto] [--precision fp32] [--json FILE] [--grid FILE]
 
 ``--model`` is an sdrt model directory (default: the shipped default model); ``--checkpoint`` the
 diffusers checkpoint it was exported from (optional: without it only sdrt runs, and no torch is
-needed). Prompts are ``data.held_out_prompts`` (each has at least one object whose (colour, shape)
+needed); ``--backend`` and ``--precision`` are passed to ``Pipeline.load`` (bf16 on OpenVINO, int8 once
+`sdrt quantize` has written the model's int8 UNet), to score a reduced precision against fp32. Prompts are ``data.held_out_prompts`` (each has at least one object whose (colour, shape)
 or (shape, position) pairing never occurs in training) and ``data.train_dist_prompts`` (fresh
 scenes of the training distribution), fully specified. Both runtimes start every image from the same numpy latents, so
 their accuracies must agree (the report gives the largest pixel difference between them). Scores
@@ -28,6 +29,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.precision import PRECISIONS
 
 from . import data, evaluate
 
@@ -111,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", default="1,3,7.5", help="comma list of guidance scales")
+    ap.add_argument("--backend", default="auto", help="sdrt's backend: auto, ort-cpu, openvino, ... (default auto)")
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                    help="fp32 (default), bf16 (openvino) or int8 (after `sdrt quantize DIR`)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--grid", type=Path, default=None, help="PNG of the first 16 held-out images at the last guidance")
     args = ap.parse_args(argv)
@@ -122,12 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     if model is None:
         print("error: no --model given and the default model is not installed", file=sys.stderr)
         return 2
-    pipe = Pipeline.load(model)
+    try:
+        pipe = Pipeline.load(model, backend=args.backend, precision=args.precision)
+    except SdrtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ref = load_diffusers(args.checkpoint) if args.checkpoint else None
     scales = [float(g) for g in args.guidance.split(",")]
     sets = {"held_out": data.held_out_prompts(args.n, args.seed), "train_dist": data.train_dist_prompts(args.n, args.seed)}
     report: dict = {"model": str(model), "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-                    "n": args.n, "seed": args.seed, "steps": args.steps, "results": []}
+                    "backend": pipe.backend, "precision": args.precision, "n": args.n, "seed": args.seed,
+                    "steps": args.steps, "results": []}
     for name, prompts in sets.items():
         latents = initial_latents(len(prompts), args.seed)
         for g in scales:
