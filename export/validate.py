@@ -56,6 +56,11 @@ def compare(comp: Component, onnx_path: Path, refs: list[tuple[tuple, tuple]]) -
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # The graph as exported: ONNX Runtime's own optimizations are the runtime's (the parity tests cover them),
+    # and they cost here: minutes of session creation on a real-size UNet, and on an fp16 graph (which the CPU
+    # provider runs through fp32 casts) fp32 copies of every weight folded beside the fp16 ones.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.enable_cpu_mem_arena = opts.enable_mem_pattern = False  # each activation's memory back as it is freed
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     worst_abs, worst_rel, shapes = 0.0, 0.0, []
     for inputs, ref in refs:

@@ -7,9 +7,10 @@ for sdrt's runtime and for diffusers on the same checkpoint, from the same initi
 ``--model`` is an sdrt model directory (default: the shipped default model); ``--checkpoint`` the
 diffusers checkpoint it was exported from (optional: without it only sdrt runs, and no torch is
 needed); ``--backend`` and ``--precision`` are passed to ``Pipeline.load`` (bf16 on OpenVINO, int8 once
-`sdrt quantize` has written the model's int8 UNet), to score a reduced precision against fp32. Prompts are ``data.held_out_prompts`` (each has at least one object whose (colour, shape)
-or (shape, position) pairing never occurs in training) and ``data.train_dist_prompts`` (fresh
-scenes of the training distribution), fully specified. Both runtimes start every image from the same numpy latents, so
+`sdrt quantize` has written the model's int8 UNet), to score a reduced precision against fp32. Prompts are
+``data.held_out_prompts`` (each has at least one object whose (colour, shape) or (shape, position) pairing
+never occurs in training) and ``data.train_dist_prompts`` (fresh scenes of the training distribution), fully
+specified. Both runtimes start every image from the same numpy latents, so
 their accuracies must agree (the report gives the largest pixel difference between them). Scores
 come from ``evaluate.accuracy``: per attribute, the fraction of the objects (or prompts, for the
 background) the image got right.
