@@ -80,4 +80,3 @@ def compare(comp: Component, onnx_path: Path, refs: list[tuple[tuple, tuple]]) -
             worst_rel = max(worst_rel, err / max(float(np.abs(r).max()), 1e-12))
         shapes.append(shape)
     return {"max_abs_error": worst_abs, "max_rel_error": worst_rel, "shapes": shapes}
-
