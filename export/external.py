@@ -9,6 +9,7 @@ graph is saved by streaming each tensor into the final data file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def save(model: onnx.ModelProto, path: Path, base: Path, data_name: str, externa
     removes each source file under ``base`` once it is copied (scratch files of the tracer, one per tensor)."""
     convert = convert or {}
     data = path.parent / data_name
-    with open(data, "wb") if external else open(os.devnull, "wb") as f:
+    with open(data, "wb") if external else contextlib.nullcontext() as f:  # embedded: no data file
         for t in model.graph.initializer:
             source = Path(base) / info(t)["location"] if is_external(t) else None
             if not (t.name in convert or source is not None or (external and t.ByteSize() >= EMBED_BELOW)):
