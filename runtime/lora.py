@@ -18,7 +18,6 @@ older ``lora.down``/``lora_linear_layer.down`` forms) and kohya/AUTOMATIC1111 (`
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
@@ -85,19 +84,81 @@ class WeightMap:
         return module in self.entries or module in self.unused or module in self.unmapped
 
     def exported(self, initializer: str) -> np.ndarray:
-        """The exported value of ``initializer``, read from the graph's external data (a read, not a memory
-        map: mapped pages would count in the process's resident memory as long as the map lives)."""
+        """The exported value of ``initializer``, read from the graph's external data (a read, not a memory map:
+        mapped pages would count in the process's resident memory as long as the map lives)."""
         e = self.by_initializer[initializer]
-        count = math.prod(e["shape"])
-        return np.fromfile(self.dir / e["file"], dtype=e["dtype"], count=count, offset=e["offset"]).reshape(e["shape"])
+        out = np.empty(e["shape"], e["dtype"])
+        with open(self.dir / e["file"], "rb", buffering=0) as f:
+            f.seek(e["offset"])
+            _read_into(f, out, self.dir / e["file"], initializer)
+        return out
 
-    def merged(self, initializer: str, updates: list[tuple[float, "Update"]]) -> np.ndarray:
-        """The exported weight plus each ``weight · update``, in the initializer's dtype and layout."""
+    def merged(self, initializer: str, updates: list[tuple[float, "Update"]], out: np.ndarray | None = None) -> np.ndarray:
+        """The exported weight plus each ``weight · update``, in the initializer's dtype and layout (written
+        into ``out`` when given). fp32 weights are read and updated a block of rows at a time, each block while
+        it is in cache: the weight's memory is written once."""
         e = self.by_initializer[initializer]
-        w = self.exported(initializer).astype(np.float32, copy=False)  # read afresh: ours to add to
-        for weight, u in updates:
-            u.add_to(w, e["transposed"], weight)
-        return w.astype(e["dtype"], copy=False)
+        if e["dtype"] != "float32":
+            w = self.exported(initializer).astype(np.float32)
+            for weight, u in updates:
+                u.add_to(w, e["transposed"], weight)
+            if out is None:
+                return w.astype(e["dtype"])
+            out[...] = w
+            return out
+        if out is None:
+            out = np.empty(e["shape"], np.float32)
+        flat = out.reshape(out.shape[0], -1)
+        factors = [u.factors(e["transposed"], weight) for weight, u in updates]
+        rows, rows_added = (max(1, n // flat.shape[1]) for n in (_READ_FLOATS, _PRODUCT_FLOATS))
+        product = np.empty((min(rows_added, flat.shape[0]), flat.shape[1]), np.float32)
+        with open(self.dir / e["file"], "rb", buffering=0) as f:
+            f.seek(e["offset"])
+            for r in range(0, flat.shape[0], rows):
+                _read_into(f, flat[r:r + rows], self.dir / e["file"], initializer)
+                for q in range(r, min(r + rows, flat.shape[0]), rows_added):
+                    block = flat[q:q + rows_added]
+                    part = product[:len(block)]
+                    for left, right in factors:
+                        np.matmul(left[q:q + rows_added], right, out=part)
+                        block += part
+        return out
+
+
+# A weight is read 512 KiB at a time and updated while that block is in cache; the product is formed 64 KiB
+# at a time, in a buffer small enough to come from the heap (larger ones are fresh memory maps, and each
+# page of those faults, 9 us a page on a virtual machine)
+_READ_FLOATS, _PRODUCT_FLOATS = 1 << 17, 1 << 14
+
+
+def _read_into(f, out: np.ndarray, path: Path, initializer: str) -> None:
+    view, done = memoryview(out.reshape(-1)).cast("B"), 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise ModelDirError(f"{path} ends inside {initializer}; re-export the model")
+        done += n
+
+
+@dataclass(frozen=True)
+class Merged:
+    """One initializer's merged weight, made when an engine asks for it (``Engine.set_weights``' functions):
+    into a buffer the engine gives (``out``: ONNX Runtime's session then reads it where it lies), or a new array."""
+
+    wmap: WeightMap
+    initializer: str
+    updates: list
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.wmap.by_initializer[self.initializer]["shape"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.wmap.by_initializer[self.initializer]["dtype"])
+
+    def __call__(self, out: np.ndarray | None = None) -> np.ndarray:
+        return self.wmap.merged(self.initializer, self.updates, out)
 
 
 def weight_maps(model_dir: Path, manifest: dict) -> dict[str, WeightMap]:
@@ -123,14 +184,19 @@ class Update:
     up: np.ndarray  # (out, rank[, 1, 1])
     scale: float
 
-    def add_to(self, w: np.ndarray, transposed: bool, weight: float) -> None:
-        """``w += weight · scale · up @ down`` in place, in ``w``'s layout ((out, in[, kh, kw]), or (in, out)
-        for a transposed MatMul weight); the scalars go on the rank-sized factor."""
+    def factors(self, transposed: bool, weight: float) -> tuple[np.ndarray, np.ndarray]:
+        """(left, right), fp32, with ``left @ right = weight · scale · up @ down`` in the layout of the weight
+        ((out, in·kh·kw), or (in, out) for a transposed MatMul weight); the scalars go on the rank-sized factor."""
         rank = self.down.shape[0]
         up = self.up.reshape(self.up.shape[0], rank).astype(np.float32) * np.float32(weight * self.scale)
         down = self.down.reshape(rank, -1).astype(np.float32)
+        return (np.ascontiguousarray(down.T), np.ascontiguousarray(up.T)) if transposed else (up, down)
+
+    def add_to(self, w: np.ndarray, transposed: bool, weight: float) -> None:
+        """``w += weight · scale · up @ down`` in place, in ``w``'s layout."""
+        left, right = self.factors(transposed, weight)
         flat = w.reshape(w.shape[0], -1)  # a view: w is contiguous
-        flat += down.T @ up.T if transposed else up @ down
+        flat += left @ right
 
 
 @dataclass
@@ -392,8 +458,7 @@ class LoraMixin:
                 for module, u in self._adapters[name].updates.get(COPIES.get(component, component), {}).items():
                     touched.setdefault(wmap.entries[module]["initializer"], []).append((weight, u))
             if touched or self._set.get(component):
-                self.engines[component].set_weights(
-                    {init: functools.partial(wmap.merged, init, ups) for init, ups in touched.items()})
+                self.engines[component].set_weights({init: Merged(wmap, init, ups) for init, ups in touched.items()})
             self._set[component] = set(touched)
 
 

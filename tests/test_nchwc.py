@@ -97,7 +97,7 @@ def test_new_convolution_weights_run_on_the_cached_graph(conv_model):
     np.testing.assert_array_equal(engine(x=x)["y"], base)
 
     # a weight the map says the cached graph lost: the exported graph, with every pass
-    (entry / RELAID_FILE).write_text(json.dumps({"relaid": {}, "absent": ["w_mid"]}))
+    (entry / RELAID_FILE).write_text(json.dumps({**relaid, "relaid": {}, "absent": ["w_mid"]}))
     engine.set_weights({"w_mid": new["w_mid"]})
     assert engine.source == "graph"
     only_mid = OrtEngine("unet", model_dir, record, threads=1, cache=False, weights={"w_mid": new["w_mid"]})(x=x)["y"]
@@ -112,3 +112,64 @@ def test_a_cache_entry_without_a_map_gets_one(conv_model):
     engine = OrtEngine("unet", model_dir, record, threads=1)
     engine.set_weights({"w_mid": np.zeros(SHAPES["w_mid"], np.float32)})
     assert engine.source == "cache" and (entry / RELAID_FILE).is_file()
+
+
+class _Maker:
+    """A weight made into the buffer the engine gives, as runtime.lora.Merged is."""
+
+    def __init__(self, value):
+        self.value, self.shape, self.dtype, self.calls = value, value.shape, value.dtype, []
+
+    def __call__(self, out=None):
+        self.calls.append(out is not None)
+        if out is None:
+            return self.value.copy()
+        out[...] = self.value
+        return out
+
+
+def test_prepacked_weights_are_handed_over_by_address_and_their_pages_given_back(tmp_path):
+    """On the cached graph a new MatMul weight is read by ONNX Runtime once, into its packed copy, while the
+    session is made: sdrt's buffer is then handed back to the OS, and the session still computes with the new
+    weight. A weight with another use too is kept, and read in place."""
+    rng = np.random.default_rng(0)
+    # over 1 KiB each, so that the cached graph keeps them in its external data
+    shapes = {"w1": (32, 64), "bias": (4, 64), "w2": (64, 16), "w3": (32, 64)}
+    weights = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Add", ["a", "bias"], ["b"]),
+             helper.make_node("MatMul", ["x", "w3"], ["c"]), helper.make_node("Add", ["b", "c"], ["d"]),
+             helper.make_node("Relu", ["d"], ["e"]), helper.make_node("MatMul", ["e", "w2"], ["y"]),
+             helper.make_node("MatMul", ["w3", "x2"], ["z"])]  # w3 is an A input here too: not packed
+    graph = helper.make_graph(nodes, "matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32]),
+                                                 helper.make_tensor_value_info("x2", TensorProto.FLOAT, [64, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [32, 3])],
+                              [numpy_helper.from_array(w, n) for n, w in weights.items()])
+    comp = tmp_path / "unet"
+    comp.mkdir()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), comp / "model.onnx",
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+    entries = {n: {"initializer": n, "transposed": False, "dtype": "float32", "shape": list(weights[n].shape),
+                   "file": e["file"], "offset": e["offset"], "length": e["length"]}
+               for n, e in external_initializers(comp / "model.onnx").items()}
+    (comp / "weights.json").write_text(json.dumps({"weights": entries, "unused": [], "unmapped": []}))
+    record = {"file": "unet/model.onnx", "external_data": "unet/model.onnx_data", "weights": "unet/weights.json",
+              "sha256": "test"}
+    feed = {"x": rng.standard_normal((4, 32)).astype(np.float32), "x2": rng.standard_normal((64, 3)).astype(np.float32)}
+    OrtEngine("unet", tmp_path, record, threads=1)  # fills the cache
+    entry = next((tmp_path / "cache").glob("unet-cpu-*"))
+    assert json.loads((entry / RELAID_FILE).read_text())["prepacked"] == ["w1", "w2"]
+
+    new = {n: w + np.float32(0.5) for n, w in weights.items()}
+    makers = {n: _Maker(w) for n, w in new.items()}
+    engine = OrtEngine("unet", tmp_path, record, threads=1)
+    engine.set_weights(makers)
+    assert engine.source == "cache"
+    assert [makers[n].calls for n in shapes] == [[True], [False], [True], [False]]
+    released = engine._shared.maps
+    assert len(released) == 2 and all(not np.frombuffer(m, np.uint8).any() for m in released)  # read as zeros now
+    expected = OrtEngine("unet", tmp_path, record, threads=1, cache=False, weights=new)(**feed)
+    got = engine(**feed)
+    for name in ("y", "z"):
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5)
+    assert float(np.abs(got["y"] - OrtEngine("unet", tmp_path, record, threads=1)(**feed)["y"]).max()) > 1e-2

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 RELAID_FILE = "relaid.json"
+RELAID_VERSION = 2  # 2: with "prepacked"
 LAYOUTS = ("OIHWBiBo", "OIHWBo")
 _DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64"}  # TensorProto.DataType
 
@@ -96,6 +97,45 @@ def external_initializers(model_path: Path) -> dict[str, dict]:
     return out
 
 
+# ONNX Runtime's CPU kernels that copy a constant 2-D B input into a packed layout when the session is made
+# (PrePack) and never read the initializer again
+PREPACKING = {"MatMul", "FusedMatMul", "Gemm"}
+
+
+def prepacked_initializers(model_path: Path) -> list[str]:
+    """The initializers of ``model_path`` that ONNX Runtime's CPU provider reads only while it makes a session:
+    2-D, and every use the B input (1) of a MatMul, FusedMatMul or Gemm, whose kernels pack it then (unless
+    ``session.disable_prepacking``). None in a graph with subgraphs, whose uses are not all read here.
+    (GraphProto.node = 1; NodeProto: input 1, op_type 4; TensorProto dims 1, name 8.)"""
+    uses: dict[str, list[tuple[str, int]]] = {}
+    two_d: set[str] = set()
+    for field, _, graph in _fields(Path(model_path).read_bytes()):
+        if field != 7:
+            continue
+        for gfield, _, message in _fields(graph):
+            if gfield == 1:
+                inputs, op = [], ""
+                for nfield, _, value in _fields(message):
+                    if nfield == 1:
+                        inputs.append(value.decode())
+                    elif nfield == 4:
+                        op = value.decode()
+                    elif nfield == 5 and any(a in (6, 11) for a, _, _ in _fields(value)):
+                        return []  # a graph attribute (If, Loop, Scan): uses inside it are not read here
+                for index, name in enumerate(inputs):
+                    uses.setdefault(name, []).append((op, index))
+            elif gfield == 5:
+                dims, name = 0, None
+                for tfield, wire, value in _fields(message):
+                    if tfield == 1:
+                        dims += 1 if wire == 0 else sum(1 for b in value if b < 0x80)
+                    elif tfield == 8:
+                        name = value.decode()
+                if dims == 2 and name is not None:
+                    two_d.add(name)
+    return sorted(n for n in two_d if uses.get(n) and all(op in PREPACKING and i == 1 for op, i in uses[n]))
+
+
 # -- the layouts ----------------------------------------------------------------------------------------
 
 
@@ -149,7 +189,8 @@ def map_relaid(cached_model: Path, exported_dir: Path, weights_json: Path) -> di
     holds by name to the re-laid-out initializers that replaced them: by value, on the first and last block of
     each (the pages between are never read), and on the whole tensor where two candidates share both.
 
-    Returns {"relaid": {exported name: {name, layout, block, shape}}, "absent": [exported names found nowhere]}.
+    Returns {"relaid": {exported name: {name, layout, block, shape}}, "absent": [exported names found nowhere],
+    "prepacked": [names ONNX Runtime packs when it makes a session, prepacked_initializers], "version"}.
     """
     cached = external_initializers(cached_model)
     entries = {e["initializer"]: e for e in json.loads(Path(weights_json).read_text(encoding="utf-8"))["weights"].values()}
@@ -183,4 +224,5 @@ def map_relaid(cached_model: Path, exported_dir: Path, weights_json: Path) -> di
             taken.add(found["name"])
         else:
             absent.append(name)
-    return {"relaid": relaid, "absent": sorted(absent)}
+    return {"relaid": relaid, "absent": sorted(absent), "prepacked": prepacked_initializers(cached_model),
+            "version": RELAID_VERSION}

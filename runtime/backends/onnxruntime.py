@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -67,18 +69,67 @@ def _writable_cache_root(model_dir: Path) -> Path | None:
     return None
 
 
-def _materialize(values: dict, threads: int) -> dict[str, np.ndarray]:
-    """name -> array, made from arrays or functions making them (LoRA merges: a read, a rank-r product and an
-    add each, which release the GIL) on ``threads`` threads."""
-    def make(v):
-        return np.ascontiguousarray(v() if callable(v) else v)
-
+def _made(values: dict, threads: int, make) -> dict[str, np.ndarray]:
+    """name -> ``make(name, value)`` for each of ``values`` (LoRA merges: a read, a rank-r product and an add
+    each, which release the GIL) on ``threads`` threads."""
     if threads < 2 or len(values) < 2:
-        return {n: make(v) for n, v in values.items()}
+        return {n: make(n, v) for n, v in values.items()}
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(threads) as pool:
-        return dict(zip(values, pool.map(make, values.values())))
+        return dict(zip(values, pool.map(make, values, values.values())))
+
+
+def _array(name: str, value) -> np.ndarray:
+    return np.ascontiguousarray(value() if callable(value) else value)
+
+
+def _writes_into(value) -> bool:
+    """A function making a weight into a buffer it is given (``value(out=buffer)``), its shape and dtype told."""
+    return callable(value) and hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+class _Shared:
+    """set_weights' weights handed to a session by address (``SessionOptions.add_initializer``: ONNX Runtime
+    reads them where they lie, no copy), so they live as long as the session.
+
+    Those the CPU provider prepacks (``prepacked``: MatMul/Gemm B inputs, copied into a packed layout while the
+    session is made and never read again) are made each in an anonymous memory map whose pages are handed
+    back once the session stands (MADV_DONTNEED: the address stays valid, and would read as zeros), so the
+    process holds each weight once, as without LoRA; the others (re-laid-out convolution weights) are read in
+    place by the session, instead of a copy of them."""
+
+    def __init__(self, values: dict, prepacked, threads: int):
+        self.maps: list[mmap.mmap] = []
+
+        def make(name, value):
+            if name not in prepacked or not _writes_into(value):
+                return _array(name, value)
+            mapped = _populated(np.dtype(value.dtype).itemsize * math.prod(value.shape))
+            self.maps.append(mapped)  # list.append is atomic: the pool's threads share the list
+            out = np.frombuffer(mapped, value.dtype, math.prod(value.shape)).reshape(value.shape)
+            value(out=out)
+            return out
+
+        self.arrays = _made(values, threads, make)
+        self.values: dict = {}
+
+    def bind(self, ort, opts) -> None:
+        self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.arrays.items()}
+        for name, value in self.values.items():
+            opts.add_initializer(name, value)
+
+    def release_prepacked(self) -> None:
+        for mapped in self.maps if hasattr(mmap, "MADV_DONTNEED") else ():
+            mapped.madvise(mmap.MADV_DONTNEED)
+
+
+def _populated(size: int) -> mmap.mmap:
+    """An anonymous memory map of ``size`` bytes, its pages faulted in when it is made (MAP_POPULATE): one call
+    instead of a fault per page as each is first written, 7x faster on a virtual machine, where every page
+    fault traps to the hypervisor (1 GiB: 0.33 s against 2.4 s)."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(-1, size, flags=flags)
 
 
 def _relaid_value(value, layout: str, block: int) -> np.ndarray:
@@ -120,7 +171,7 @@ class OrtEngine:
             else ["CPUExecutionProvider"]
         )
         self.weights: dict = dict(weights or {})  # what set_weights was given (arrays or makers of them)
-        self._held: dict[str, np.ndarray] = {}  # the arrays of set_weights while a session is being made
+        self._shared: _Shared | None = None  # the set_weights arrays a cached-graph session reads by address
         self.source = ""  # what the session was made from: "cache" (optimized graph) or "graph" (the export's)
         self.session = self._load()
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -130,21 +181,26 @@ class OrtEngine:
     def set_weights(self, weights: dict) -> None:
         """Run with these initializers (the graph's own names -> arrays of its shape and dtype, or functions
         making them) instead of the exported ones; every other weight, those set before included, takes its
-        exported value. The session is reopened with ONNX Runtime's external-initializer override, applied
-        before its graph optimizations, so fused and re-laid-out weights follow. ONNX Runtime copies the
-        arrays into the graph (AddExternalInitializers: the buffers may be freed once the session exists),
-        so they are made when the old session is gone (its freed heap reused for them, not first handed back
-        to the OS: 0.3 s a switch) and dropped when the new one stands: the process holds one set of weights,
-        as without LoRA."""
+        exported value. The session is reopened, so the old session's weights are freed before the new ones
+        are made: the process holds one set of weights, as without LoRA.
+
+        On the optimized-graph cache (CPU) the weights are handed over by address (``_Shared``): no copy,
+        and the prepacked ones handed back once packed. Otherwise (the exported graph, CUDA) they go through
+        ONNX Runtime's external-initializer override, applied before its graph optimizations so that fused
+        and re-laid-out weights follow; ONNX Runtime copies them into its graph, and they are dropped once
+        the session stands."""
         self.weights = dict(weights)
         self.session = None
+        self._shared = None
         self._on_device.clear()
         self.session = self._load()
 
-    def _session(self, ort, path: Path, level, overrides: dict, save_to: Path | None = None, config: dict | None = None):
+    def _session(self, ort, path: Path, level, overrides: dict, save_to: Path | None = None, config: dict | None = None,
+                 prepacked=None):
         """An InferenceSession of ``path`` at optimization ``level``, its initializers overridden by ``overrides``
-        (name -> array or function making it: made here, held until the session has copied them); the optimized
-        graph saved to ``save_to``; ``config``: more session config entries."""
+        (name -> array or function making it, made here): by address when ``prepacked`` (the names the session
+        packs) is given, else copied in by ONNX Runtime; the optimized graph saved to ``save_to``; ``config``:
+        more session config entries."""
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -159,16 +215,22 @@ class OrtEngine:
         # at 256x256 (sdrt bench): no slower, and peak RSS no longer exceeds diffusers'.
         opts.enable_cpu_mem_arena = False
         opts.graph_optimization_level = level
-        if overrides:
-            self._held = _materialize(overrides, self.threads)
-            names = list(self._held)
-            opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(self._held[n]) for n in names])
+        shared = held = None
+        if overrides and prepacked is not None:
+            shared = _Shared(overrides, prepacked, self.threads)
+            shared.bind(ort, opts)
+        elif overrides:
+            held = _made(overrides, self.threads, _array)
+            names = list(held)
+            opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(held[n]) for n in names])
         if save_to is not None:
             opts.optimized_model_filepath = str(save_to)
-        try:
-            return ort.InferenceSession(str(path), opts, providers=self.providers)
-        finally:
-            self._held = {}  # copied into the session's graph; made again if a later session needs them
+        session = ort.InferenceSession(str(path), opts, providers=self.providers)
+        del held  # copied into the session's graph; made again if a later session needs them
+        if shared is not None:
+            shared.release_prepacked()
+            self._shared = shared
+        return session
 
     def _load(self):
         import onnxruntime as ort
@@ -188,8 +250,8 @@ class OrtEngine:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelDirError(f"{self.path} is damaged: ONNX Runtime cannot load it ({first}); "
                                 "re-export the model with `sdrt export --overwrite`") from e
-        if self.weights:
-            release_memory()
+        if self.weights and self._shared is None:
+            release_memory()  # ONNX Runtime's copies of them, freed into the heap
         return session
 
     def _open_cached(self, ort):
@@ -218,8 +280,11 @@ class OrtEngine:
             overrides = self._cache_overrides(entry) if self.weights else {}
             if overrides is None:
                 return None  # a weight the cached graph holds in no form sdrt knows: the exported graph
+            # by address on the CPU; a device provider copies the weights over, so ONNX Runtime's own copy is kept
+            prepacked = set(self._relaid(entry).get("prepacked", ())) if overrides and self.provider == "cpu" else None
             try:
-                session = self._session(ort, cached, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, overrides)
+                session = self._session(ort, cached, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, overrides,
+                                        prepacked=prepacked)
                 self.source = "cache"
                 return session
             except Exception:
@@ -247,16 +312,18 @@ class OrtEngine:
         return session
 
     def _relaid(self, entry: Path) -> dict:
-        """The cache entry's map of re-laid-out convolution weights (nchwc.py), made and kept beside it the
-        first time it is needed (entries made before sdrt kept one included)."""
-        from .nchwc import RELAID_FILE, map_relaid
+        """The cache entry's map (nchwc.py): its re-laid-out convolution weights and the weights ONNX Runtime
+        prepacks; made and kept beside it the first time it is needed (entries made by an older sdrt included)."""
+        from .nchwc import RELAID_FILE, RELAID_VERSION, map_relaid
 
         path = entry / RELAID_FILE
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            found = json.loads(path.read_text(encoding="utf-8"))
+            if found.get("version") == RELAID_VERSION:
+                return found
         except (OSError, ValueError):
             pass
-        found = {"relaid": {}, "absent": []}
+        found = {"relaid": {}, "absent": [], "prepacked": []}
         if self.record.get("weights") and (entry / "model.onnx").is_file():
             weights = self.model_dir / self.record["weights"]
             try:
