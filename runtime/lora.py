@@ -6,9 +6,10 @@ Each adapter's update of a module's weight W is ``scale · up · down`` with ``s
 (the file's alphas, kohya's ``.alpha`` keys or diffusers' adapter metadata; 1 without them), so
 with adapters a, b active at weights w_a, w_b the engines run ``W + w_a·Δ_a + w_b·Δ_b``. The export
 records which graph initializer holds each module's weight and where its bytes lie (export/weights.py,
-``weights.json``); the base weight is read from the graph's external data through a memory map and
-the merged weight handed to the engine (``Engine.set_weights``: ONNX Runtime's external-initializer
-override; TensorRT's refitter). Unloading hands back the exported weights themselves.
+``weights.json``); the base weight is read from the graph's external data, a block at a time, and the
+merged weight handed to the engine (``Engine.set_weights``: on ONNX Runtime's CPU cache by address, into
+buffers it gives; else its external-initializer override; OpenVINO's constants; TensorRT's refitter).
+Unloading hands back the exported weights themselves.
 
 Formats: diffusers/PEFT (``save_lora_weights``: ``unet.…lora_A.weight``, ``text_encoder.…``, the
 older ``lora.down``/``lora_linear_layer.down`` forms) and kohya/AUTOMATIC1111 (``lora_unet_…``,

@@ -185,7 +185,8 @@ class OrtEngine:
         are made: the process holds one set of weights, as without LoRA.
 
         On the optimized-graph cache (CPU) the weights are handed over by address (``_Shared``): no copy,
-        and the prepacked ones handed back once packed. Otherwise (the exported graph, CUDA) they go through
+        and the prepacked ones handed back once packed; arrays given as such are read where they lie, so they
+        are not to be changed afterwards. Otherwise (the exported graph, CUDA) they go through
         ONNX Runtime's external-initializer override, applied before its graph optimizations so that fused
         and re-laid-out weights follow; ONNX Runtime copies them into its graph, and they are dropped once
         the session stands."""
