@@ -84,6 +84,35 @@ def test_set_weights_replaces_named_weights_as_onnx_runtime_does(sd1_copy):
     assert np.abs(ov(**feeds)["out_sample"] - before).max() <= 1e-5
 
 
+def test_compiled_weights_leave_the_process_and_the_cache_is_weightless(sd1_copy, monkeypatch):
+    """Once a graph is compiled, the pages of its weights that OpenVINO mapped from the model directory are
+    dropped from the process (they stay in the page cache): the compiled model computes the same after, and
+    a cache hit gives the same again. The cache blob does not hold the weights."""
+    import sys
+
+    import sdrt.runtime.backends.openvino as backend
+
+    dropped = []
+    real = backend._unmap_source_weights
+    monkeypatch.setattr(backend, "_unmap_source_weights", lambda model, d: dropped.append(real(model, d)) or dropped[-1])
+    rec = json.loads((sd1_copy / "sdrt.json").read_text())["components"]["unet"]
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32), "timestep": np.array([10.0, 10.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, rec["inputs"][2]["shape"][-1]), dtype=np.float32)}
+    expected = OrtEngine("unet", sd1_copy, rec, cache=False)(**feeds)["out_sample"]
+    shutil.rmtree(sd1_copy / "cache", ignore_errors=True)
+    first = OvEngine("unet", sd1_copy, rec)
+    out = [first(**feeds)["out_sample"], first(**feeds)["out_sample"]]
+    out.append(OvEngine("unet", sd1_copy, rec)(**feeds)["out_sample"])  # from the cache
+    for o in out:
+        assert np.abs(o - expected).max() <= 1e-4
+    if sys.platform.startswith("linux"):
+        assert len(dropped) == 2 and all(n > 0 for n in dropped)
+    blobs = [p for p in (sd1_copy / "cache").glob("unet-openvino-*/*.blob")]
+    weights = (sd1_copy / rec["external_data"]).stat().st_size
+    assert blobs and all(p.stat().st_size < weights / 4 for p in blobs)
+
+
 def test_precisions_a_backend_or_cpu_cannot_run_are_refused_in_one_line():
     with pytest.raises(ConfigError, match="ONNX Runtime has no bf16 CPU kernels.*--backend openvino"):
         check("ort-cpu", "bf16")

@@ -103,8 +103,8 @@ class _Shared:
         self.maps: list[mmap.mmap] = []
 
         def make(name, value):
-            if name not in prepacked or not _writes_into(value):
-                return _array(name, value)
+            if name not in prepacked or not _writes_into(value) or not hasattr(mmap, "MADV_DONTNEED"):
+                return _array(name, value)  # kept (without madvise, as on Windows: beside the packed copy)
             mapped = _populated(np.dtype(value.dtype).itemsize * math.prod(value.shape))
             self.maps.append(mapped)  # list.append is atomic: the pool's threads share the list
             out = np.frombuffer(mapped, value.dtype, math.prod(value.shape)).reshape(value.shape)
@@ -120,7 +120,7 @@ class _Shared:
             opts.add_initializer(name, value)
 
     def release_prepacked(self) -> None:
-        for mapped in self.maps if hasattr(mmap, "MADV_DONTNEED") else ():
+        for mapped in self.maps:
             mapped.madvise(mmap.MADV_DONTNEED)
 
 
@@ -374,3 +374,4 @@ class OrtEngine:
     def close(self) -> None:
         self._on_device.clear()
         self.session = None
+        self._shared = None  # after the session: it reads them

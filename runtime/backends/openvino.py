@@ -18,6 +18,8 @@ OpenVINO's ONNX frontend (external data beside them), compiled for the CPU plugi
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,50 @@ def _detail(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '", "Loading input model"))]
     return (" ".join(useful or lines) or type(e).__name__)[:300]
+
+
+def _unmap_source_weights(model, model_dir: Path) -> int:
+    """Drop this process's pages of ``model``'s weights that OpenVINO maps from the model directory's files
+    (the exported graph's external data), once the model is compiled; returns the bytes dropped.
+
+    The CPU plugin keeps the graph's Constants alive beside its own repacked copies, so every weight page it
+    read while compiling stays resident: twice the weights (sd1-full's fp32 UNet: 6.6 GB, 3.4 GB after this).
+    ``madvise(MADV_DONTNEED)`` on a read-only file mapping only unmaps the pages: they stay in the page
+    cache, and one read again is faulted back in from it. Only pages wholly inside a Constant that ``model``
+    (alive here) holds, and inside a read-only mapping of a file under ``model_dir``, are dropped: never
+    anonymous memory, whose pages the call would zero. Linux only; elsewhere nothing."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        return 0
+    import ctypes
+
+    root = str(Path(model_dir).resolve()) + os.sep
+    mapped = []
+    for line in maps.read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and "w" not in parts[1] and parts[5].startswith(root):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            mapped.append((lo, hi))
+    if not mapped:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page, dropped = mmap.PAGESIZE, 0
+    for op in model.get_ops():
+        if op.get_type_name() != "Constant":
+            continue
+        try:
+            data = op.get_data()
+        except (RuntimeError, TypeError, ValueError):
+            continue  # an element type numpy does not hold
+        start = data.ctypes.data
+        end = start + data.nbytes
+        if not any(lo <= start and end <= hi for lo, hi in mapped):
+            continue  # made by OpenVINO in its own memory, not read from a file
+        first, last = -(-start // page) * page, end // page * page
+        if last > first and libc.madvise(first, last - first, 4) == 0:  # MADV_DONTNEED
+            dropped += last - first
+    return dropped
 
 
 class OvEngine:
@@ -187,16 +233,26 @@ class OvEngine:
         config = dict(self.config)
         if self.cache_dir is not None and not self.weights:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            config["CACHE_DIR"] = str(self.cache_dir)
+            # weightless: the blob holds the compiled graph and takes the weights from the graph being compiled
+            # (sd1-full's UNet: 3.3 MB instead of 3.4 GB a shape, and a cache hit no longer holds the blob's
+            # copy of every weight beside the graph's and the compiled one's: peak 9.8 -> 6.6 GB)
+            config.update({"CACHE_DIR": str(self.cache_dir), "CACHE_MODE": "OPTIMIZE_SIZE"})
         model = self.model
         if self.static_shapes:
             model = model.clone()
             model.reshape({name: list(shape) for name, shape in signature})
         try:
-            compiled = self.core.compile_model(model, "CPU", config)
+            try:
+                compiled = self.core.compile_model(model, "CPU", config)
+            except RuntimeError as e:
+                if "CACHE_MODE" not in config or "CACHE_MODE" not in str(e):
+                    raise
+                del config["CACHE_MODE"]  # an OpenVINO without weightless caching
+                compiled = self.core.compile_model(model, "CPU", config)
         except RuntimeError as e:
             raise BackendUnavailable(f"OpenVINO cannot compile {self.name} for the shapes {dict(signature)}: "
                                      f"{_detail(e)}") from e
+        _unmap_source_weights(model, self.model_dir)
         return compiled, compiled.create_infer_request()
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
