@@ -10,7 +10,10 @@ OpenVINO's ONNX frontend (external data beside them), compiled for the CPU plugi
   reshaped to it), they run 25-30% faster than compiled dynamic (the small sd1 test UNet, 2 cores); one
   compiled shape is held per component at a time, and compiled models are cached on disk (``CACHE_DIR``,
   keyed by the graph's sha256, OpenVINO's version and the precision) under the same cache root as ONNX
-  Runtime's optimized graphs, so a shape compiled once loads from the cache afterwards.
+  Runtime's optimized graphs, so a shape compiled once loads from the cache afterwards. The cache is
+  weightless (``CACHE_MODE`` OPTIMIZE_SIZE: the weights come from the graph), and once compiled, the pages
+  of the graph's weights mapped from the model directory are dropped from the process
+  (``_unmap_source_weights``): the plugin keeps those Constants alive beside its repacked copies.
 - ``set_weights`` (LoRA): the graph is read again and the named initializers (OpenVINO Constants keep
   their ONNX names) are replaced before compiling; every other weight takes its exported value.
 """
