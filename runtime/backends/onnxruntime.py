@@ -293,11 +293,12 @@ class OrtEngine:
         entry = root / f"{self.name}-{self.provider}-{key}"
         cached = entry / "model.onnx"
         if cached.is_file():
-            overrides = self._cache_overrides(entry) if self.weights else {}
+            relaid = self._relaid(entry) if self.weights else {}
+            overrides = self._cache_overrides(relaid) if self.weights else {}
             if overrides is None:
                 return None  # a weight the cached graph holds in no form sdrt knows: the exported graph
             # by address on the CPU; a device provider copies the weights over, so ONNX Runtime's own copy is kept
-            prepacked = set(self._relaid(entry).get("prepacked", ())) if overrides and self.provider == "cpu" else None
+            prepacked = set(relaid.get("prepacked", ())) if overrides and self.provider == "cpu" else None
             try:
                 session = self._session(ort, cached, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, overrides,
                                         prepacked=prepacked)
@@ -351,10 +352,9 @@ class OrtEngine:
             os.replace(tmp, path)
         return found
 
-    def _cache_overrides(self, entry: Path) -> dict | None:
-        """set_weights' weights under the names, and in the layout, the cached graph holds them; None when one of
-        them is in the cached graph in no form sdrt can give."""
-        relaid = self._relaid(entry)
+    def _cache_overrides(self, relaid: dict) -> dict | None:
+        """set_weights' weights under the names, and in the layout, the cached graph holds them (``relaid``: the
+        cache entry's map); None when one of them is in the cached graph in no form sdrt can give."""
         out = {}
         for name, value in self.weights.items():
             if name in relaid["absent"]:
