@@ -127,7 +127,8 @@ def markdown(report: dict) -> str:
         f"- workload: {s.get('workload') or 'custom'}; checkpoint `{s.get('checkpoint')}`, model `{s['model']}`",
         f"- {s['height']}x{s['width']}, {s['steps']} steps, scheduler {s['scheduler'] or 'checkpoint default'}, "
         f"guidance {s['guidance']}, batch {s['batch']}, seed {s['seed']}; {s['warmup']} warm-up + {s['runs']} timed runs "
-        f"per contender, each in its own process, same initial latents",
+        f"per contender, each in its own process, same initial latents; page cache "
+        f"{'warmed before each contender (its files read once)' if s.get('page_cache', 'warm') == 'warm' else 'as the previous contenders left it'}",
         f"- machine: {m['cpu_model']}, {m['cpu_physical_cores']} physical / {m['cpu_logical_cores']} logical cores"
         f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; threads: {s.get('threads') or 'library default'}",
         f"- CPU ISA: {isa_text(m.get('cpu_isa'))}",

@@ -192,7 +192,15 @@ def test_bench_report_structure(bench_report):
         assert ratios[key] is not None and ratios[key] > 0
     assert any(line.startswith("sdrt-ort-cpu / diffusers:") for line in report["summary"])
 
+    # each contender's cold start found its files in the page cache (read just before it was spawned)
+    assert s["page_cache"] == "warm"
+    for name in ("sdrt-ort-cpu", "diffusers"):
+        warmed = cs[name]["page_cache_warmed"]
+        assert warmed["files"] > 0 and warmed["mib"] > 0
+    assert cs["diffusers"]["page_cache_warmed"]["mib"] > cs["sdrt-ort-cpu"]["page_cache_warmed"]["mib"]  # torch
+
     md = (out / "report" / "bench.md").read_text()
+    assert "page cache warmed before each contender" in md
     assert "| sdrt-ort-cpu |" in md and "| diffusers |" in md and "sdrt-tensorrt" in md and "Roofline" in md
     png = (out / "report" / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -228,3 +236,25 @@ def test_mismatched_image_is_flagged_and_not_ranked():
     report = {"contenders": cs, "reference": "diffusers"}
     assert report_mod.rank(report) == ["diffusers", "sdrt-ort-cpu-lowmem"]
     assert report_mod.ratios(report)["sdrt-ort-cpu"]["image_matches"] is False
+
+
+def test_page_cache_warming_reads_each_contenders_own_files(tmp_path):
+    from sdrt.benchmarks.bench import contender_files, warm_page_cache
+
+    model, ckpt = tmp_path / "model", tmp_path / "ckpt"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "model.onnx").write_bytes(b"x" * 5000)
+    (model / "sdrt.json").write_text("{}")
+    (model / "link").symlink_to(model / "sdrt.json")  # not read twice
+    ckpt.mkdir()
+    sdrt_paths = contender_files({"kind": "sdrt", "model": str(model), "checkpoint": str(ckpt)})
+    assert sdrt_paths[0] == model and any(p.name == "onnxruntime" for p in sdrt_paths)
+    assert not any(p.name == "torch" for p in sdrt_paths)  # sdrt's cold start reads no torch
+    diffusers_paths = contender_files({"kind": "diffusers", "model": str(model), "checkpoint": str(ckpt)})
+    assert diffusers_paths[0] == ckpt and any(p.name == "torch" for p in diffusers_paths)
+    venv = tmp_path / "venv" / "bin" / "python"
+    optimum = contender_files({"kind": "optimum-intel", "ov_model": str(ckpt)}, python=str(venv))
+    assert optimum == [ckpt, tmp_path / "venv" / "lib"]
+
+    warmed = warm_page_cache([model, tmp_path / "missing"], chunk=4096)
+    assert warmed["files"] == 2 and warmed["mib"] * 2**20 == 5002
