@@ -108,7 +108,8 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", type_="server_error"),
                             status_code=500)
 
-    app.add_middleware(_Observe, metrics=metrics)
+    app.add_middleware(_BodyLimit, limit=config.limits.max_body_bytes)
+    app.add_middleware(_Observe, metrics=metrics)  # outermost: it also counts what _BodyLimit refuses
     return app
 
 
@@ -136,6 +137,39 @@ def _authorize(request: Request) -> None:
 
 _KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "not_found", 413: "bad_request",
           422: "bad_request", 499: "dropped", 503: "overloaded", 500: "server_error"}
+
+
+def _too_large(size: str, limit: int) -> str:
+    return (f"the request body is {size}, more than this server's limit of {limit / 2**20:g} MiB (--max-body-mib); "
+            "send smaller images")
+
+
+class _BodyLimit:
+    """413 for a body over ``limit`` bytes, before it is read into memory: at once when its Content-Length says
+    so, else (a chunked body) as soon as the bytes received pass the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            body = error_body(_too_large(f"{int(declared) / 2**20:.1f} MiB", self.limit))
+            return await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:  # raised inside the route's body read: answered by http_error
+                    raise HTTPException(413, _too_large(f"over {self.limit / 2**20:g} MiB", self.limit))
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 class _Observe:

@@ -18,12 +18,13 @@ from .service import Dropped, Job, Overloaded, Result, ShuttingDown
 
 @dataclass
 class Limits:
-    """What one request may ask for (``sdrt serve --max-images/--max-size/--max-steps``)."""
+    """What one request may ask for (``sdrt serve --max-images/--max-size/--max-steps/--max-body-mib``)."""
 
     max_images: int = 8
     max_width: int = 1024
     max_height: int = 1024
     max_steps: int = 150
+    max_body_bytes: int = 64 << 20  # a request's body: room for a few 2048x2048 PNGs in base64
 
 
 class ApiError(Exception):

@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size", type=_size, default=(1024, 1024), metavar="WxH",
                    help="largest width x height a request may ask for (default 1024x1024)")
     p.add_argument("--max-steps", type=_positive, default=150, help="most denoising steps a request may ask for (default 150)")
+    p.add_argument("--max-body-mib", type=_positive, default=64,
+                   help="largest request body in MiB (images in base64 or multipart); larger ones get 413 (default 64)")
     p.add_argument("--workers", type=_positive, default=1, help="worker threads, each with its own pipeline (default 1)")
     p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda or tensorrt (default auto)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
@@ -81,7 +83,7 @@ def config_from(args):
     from .common import Limits
 
     limits = Limits(max_images=args.max_images, max_width=args.max_size[0], max_height=args.max_size[1],
-                    max_steps=args.max_steps)
+                    max_steps=args.max_steps, max_body_bytes=args.max_body_mib << 20)
     return ServeConfig(model=args.model, api_key=args.api_key, max_queue=args.max_queue, max_batch=args.max_batch,
                        workers=args.workers, backend=args.backend, limits=limits)
 

@@ -53,7 +53,8 @@ def server():
     from sdrt.serve.common import Limits
 
     config = ServeConfig(api_key=KEY, max_queue=3, max_batch=4,
-                         limits=Limits(max_images=4, max_width=256, max_height=256, max_steps=400))
+                         limits=Limits(max_images=4, max_width=256, max_height=256, max_steps=400,
+                                       max_body_bytes=4 << 20))
     app = create_app(config)
     sock = _free_socket()
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", http="h11"))  # what a bare uvicorn install runs
@@ -243,6 +244,17 @@ def test_bad_request_is_a_400_saying_what_was_wrong(server, path, body, message)
     assert r.status_code == 400, r.text
     err = r.json()
     assert message in err["error"]["message"] and err["detail"] == err["error"]["message"]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_a_413_and_the_server_keeps_serving(server, chunked):
+    body = b'{"prompt": "' + b"x" * (5 << 20) + b'"}'  # 5 MiB; the test server takes 4
+    data = (body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)) if chunked else body
+    r = requests.post(server.url + GEN, data=data, headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text
+    message = r.json()["error"]["message"]
+    assert "limit of 4 MiB (--max-body-mib)" in message and ("5.0 MiB" in message or chunked)
+    assert server.post(GEN, {"prompt": PROMPT, "steps": 2}).status_code == 200
 
 
 def test_edit_without_an_image_is_a_400(server):
