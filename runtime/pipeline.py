@@ -188,9 +188,19 @@ class Pipeline(LoraMixin):
                                           control_guidance_end, controlnet)
         latents = task(self, req)
         images = latents if output_type == "latent" else decode(self, latents, req)
-        timings = req.timings
-        timings.total = time.perf_counter() - t_start
-        params = {
+        req.timings.total = time.perf_counter() - t_start
+        params = self._params(req, task, negative_prompt, seed, scheduler_config, strength if image is not None else None,
+                              prompt_embeds, negative_prompt_embeds, denoising_start, denoising_end)
+        if output_type == "pil":
+            from PIL import Image
+
+            images = [Image.fromarray(np.round(im * 255).astype(np.uint8)) for im in images]
+        return PipelineOutput(images, req.timings, params)
+
+    def _params(self, req, task, negative_prompt, seed, scheduler_config, strength, prompt_embeds,
+                negative_prompt_embeds, denoising_start, denoising_end) -> dict:
+        """What an image was made with, as PipelineOutput.params records it (the infotext, the server's info)."""
+        return {
             "prompt": req.prompts if req.prompts is None or len(req.prompts) > 1 else req.prompts[0],
             "negative_prompt": negative_prompt,
             **({"prompt_syntax": req.prompt_syntax} if req.prompt_syntax != "none" else {}),
@@ -203,7 +213,7 @@ class Pipeline(LoraMixin):
             "seed": seed,
             "scheduler": req.scheduler.name,
             "scheduler_config": scheduler_config,
-            "strength": strength if image is not None and denoising_start is None else None,
+            "strength": strength if denoising_start is None else None,
             **{k: v for k, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)) if v is not None},
             **({"aesthetic_score": req.aesthetic_score, "negative_aesthetic_score": req.negative_aesthetic_score}
                if self.family.refines else {}),
@@ -215,11 +225,6 @@ class Pipeline(LoraMixin):
             **({"precision": self.precision} if self.precision != "fp32" else {}),
             **({"vae_tiling": True} if self.vae_tiling else {}),
         }
-        if output_type == "pil":
-            from PIL import Image
-
-            images = [Image.fromarray(np.round(im * 255).astype(np.uint8)) for im in images]
-        return PipelineOutput(images, timings, params)
 
     def _request(self, prompt, negative_prompt, steps, guidance_scale, height, width, per_prompt, seed, latents,
                  scheduler, image, mask_image, strength, scheduler_config, output_type, generator, callback, *,
