@@ -126,3 +126,50 @@ def test_precisions_a_backend_or_cpu_cannot_run_are_refused_in_one_line():
 def test_int8_without_a_quantized_unet_says_to_run_sdrt_quantize(sd1_copy):
     with pytest.raises(ModelDirError, match=r"has no int8 unet; make one with `sdrt quantize .*` first"):
         Pipeline.load(sd1_copy, backend="openvino", precision="int8")
+
+
+def test_bf16_rounding_is_to_nearest_even_and_saturates_finite_values():
+    from sdrt.runtime.backends.openvino import _bf16_bits
+
+    one, ulp = 1.0, 2.0 ** -7  # bf16 keeps 7 fraction bits
+    x = np.array([one, one + ulp / 2, one + 3 * ulp / 2, one + ulp / 2 + 2 ** -20, -2.5, 0.0, -0.0,
+                  3.4e38, -3.4e38, np.inf, -np.inf, np.nan], np.float32)
+    want = [0x3F80, 0x3F80, 0x3F82, 0x3F81, 0xC020, 0x0000, 0x8000, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80, 0x7FC0]
+    assert _bf16_bits(x).tolist() == want
+    w = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    back = (_bf16_bits(w).astype(np.uint32) << 16).view(np.float32)
+    assert np.abs(back - w).max() <= np.abs(w).max() * 2.0 ** -8  # half a bf16 ulp at most
+
+
+def test_bf16_compiles_an_ir_with_bf16_weights_made_once(sd1_copy):
+    from sdrt.runtime.precision import isa
+
+    if not isa()["bf16"]:
+        pytest.skip("this CPU has no AVX-512 BF16 or AMX")
+    pipe = Pipeline.load(sd1_copy, backend="openvino", precision="bf16")
+    first = pipe("a red circle", **CALL).images
+    unet = pipe.engine("unet")
+    ir = unet._bf16_ir()
+    assert ir is not None and ir.is_file() and ir.with_suffix(".bin").is_file() and unet._source_dir == ir.parent
+    xml = ir.read_text()
+    assert 'element_type="bf16"' in xml and 'element_type="f16"' not in xml and "decompression" in xml
+    assert not [p for p in ir.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert pipe.engine("vae_decoder")._bf16_ir() is None  # the denoisers only
+    # the IR holds every exported weight, in bf16: about half the exported fp32 bytes
+    exported = (sd1_copy / json.loads((sd1_copy / "sdrt.json").read_text())["components"]["unet"]["external_data"]).stat().st_size
+    assert 0.45 * exported < ir.with_suffix(".bin").stat().st_size < 0.55 * exported
+    made = ir.stat().st_mtime_ns
+    again = Pipeline.load(sd1_copy, backend="openvino", precision="bf16")
+    assert np.array_equal(again("a red circle", **CALL).images, first) and ir.stat().st_mtime_ns == made
+    # a damaged IR is made again, not trusted
+    ir.write_text("<net")
+    third = Pipeline.load(sd1_copy, backend="openvino", precision="bf16")
+    assert np.array_equal(third("a red circle", **CALL).images, first) and "bf16" in ir.read_text()
+    # LoRA weights are replaced in the exported graph (the IR holds the exported values)
+    unet.set_weights({})
+    assert unet._bf16_ir() is not None
+    rec = json.loads((sd1_copy / "sdrt.json").read_text())["components"]["unet"]
+    entry = next(iter(json.loads((sd1_copy / rec["weights"]).read_text())["weights"].values()))
+    zeros = np.zeros(entry["shape"], np.float32)
+    engine = OvEngine("unet", sd1_copy, rec, precision="bf16", weights={entry["initializer"]: zeros})
+    assert engine._bf16_ir() is None

@@ -74,8 +74,12 @@ def test_bf16_on_openvino_is_close_to_fp32(model_dir, fp32):
         pytest.skip("needs OpenVINO (pip install 'sdrt[openvino]')")
     if not isa()["bf16"]:
         pytest.skip("this CPU has no AVX-512 BF16 or AMX")
-    out = Pipeline.load(model_dir("sd1"), backend="openvino", precision="bf16")(PROMPT, **CALL)
+    pipe = Pipeline.load(model_dir("sd1"), backend="openvino", precision="bf16")
+    out = pipe(PROMPT, **CALL)
     assert psnr(out.images, fp32) > 35
+    # the text encoder's conditioning steers every step: it stays f32; the UNet and the VAE run bf16
+    hints = {name: pipe.engine(name).config["INFERENCE_PRECISION_HINT"] for name in ("text_encoder", "unet", "vae_decoder")}
+    assert hints == {"text_encoder": "f32", "unet": "bf16", "vae_decoder": "bf16"}
 
 
 def _have_openvino() -> bool:
