@@ -299,6 +299,8 @@ def contender_files(spec: dict, python: str | None = None) -> list[Path]:
     kind = spec["kind"]
     data = {"sdrt": spec.get("model"), "optimum-intel": spec.get("ov_model")}.get(kind, spec.get("checkpoint"))
     paths = [Path(data)] if data else []
+    if kind == "sdrt" and data:
+        paths = _sdrt_files(Path(data), spec.get("backend") or "", spec.get("precision") or "fp32")
     if python:
         paths.append(Path(python).parent.parent / "lib")
     else:
@@ -307,6 +309,28 @@ def contender_files(spec: dict, python: str | None = None) -> list[Path]:
             if found is not None and found.submodule_search_locations:
                 paths.extend(Path(p) for p in found.submodule_search_locations)
     return paths
+
+
+# sdrt's cache entries (DIR/cache/<component>-<tag>-<key>) per backend
+_CACHE_TAGS = {"ort-cpu": "-cpu-", "ort-cuda": "-cuda-", "openvino": "-openvino-"}
+
+
+def _sdrt_files(model: Path, backend: str, precision: str) -> list[Path]:
+    """The files of an sdrt model directory that a contender may read: not the other backends' cache entries,
+    nor another precision's graphs (a model directory with every variant and cache is 12 GB here, and reading
+    it all would push the contender's own files out of the page cache)."""
+    tag = _CACHE_TAGS.get(backend)
+    out = []
+    for f in sorted(model.rglob("*")):
+        rel = f.relative_to(model).parts
+        if not f.is_file() or f.is_symlink():
+            continue
+        if rel[0] == "cache" and len(rel) > 2 and (tag is None or tag not in rel[1]):
+            continue
+        if ".int8." in f.name and precision != "int8":
+            continue
+        out.append(f)
+    return out
 
 
 def warm_page_cache(paths, chunk: int = 16 << 20) -> dict:

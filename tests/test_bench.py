@@ -247,8 +247,18 @@ def test_page_cache_warming_reads_each_contenders_own_files(tmp_path):
     (model / "sdrt.json").write_text("{}")
     (model / "link").symlink_to(model / "sdrt.json")  # not read twice
     ckpt.mkdir()
-    sdrt_paths = contender_files({"kind": "sdrt", "model": str(model), "checkpoint": str(ckpt)})
-    assert sdrt_paths[0] == model and any(p.name == "onnxruntime" for p in sdrt_paths)
+    (model / "unet" / "model.int8.onnx").write_bytes(b"q")
+    for entry in ("unet-cpu-0123", "unet-openvino-4567"):
+        (model / "cache" / entry).mkdir(parents=True)
+        (model / "cache" / entry / "model.onnx").write_bytes(b"c")
+    sdrt_paths = contender_files({"kind": "sdrt", "model": str(model), "checkpoint": str(ckpt), "backend": "ort-cpu",
+                                  "precision": "fp32"})
+    files = {p.relative_to(model).as_posix() for p in sdrt_paths if model in p.parents}
+    assert files == {"unet/model.onnx", "sdrt.json", "cache/unet-cpu-0123/model.onnx"}  # its backend, its precision
+    assert any(p.name == "onnxruntime" for p in sdrt_paths)
+    int8 = contender_files({"kind": "sdrt", "model": str(model), "backend": "openvino", "precision": "int8"})
+    assert {p.relative_to(model).as_posix() for p in int8 if model in p.parents} == {
+        "unet/model.onnx", "unet/model.int8.onnx", "sdrt.json", "cache/unet-openvino-4567/model.onnx"}
     assert not any(p.name == "torch" for p in sdrt_paths)  # sdrt's cold start reads no torch
     diffusers_paths = contender_files({"kind": "diffusers", "model": str(model), "checkpoint": str(ckpt)})
     assert diffusers_paths[0] == ckpt and any(p.name == "torch" for p in diffusers_paths)
@@ -256,5 +266,5 @@ def test_page_cache_warming_reads_each_contenders_own_files(tmp_path):
     optimum = contender_files({"kind": "optimum-intel", "ov_model": str(ckpt)}, python=str(venv))
     assert optimum == [ckpt, tmp_path / "venv" / "lib"]
 
-    warmed = warm_page_cache([model, tmp_path / "missing"], chunk=4096)
-    assert warmed["files"] == 2 and warmed["mib"] * 2**20 == 5002
+    warmed = warm_page_cache([model / "unet", model / "sdrt.json", tmp_path / "missing"], chunk=4096)
+    assert warmed["files"] == 3 and warmed["mib"] * 2**20 == 5003
