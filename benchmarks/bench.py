@@ -291,9 +291,9 @@ IMPORTS = {"sdrt": ("sdrt", "numpy", "tokenizers", "onnxruntime", "openvino"),
 
 
 def contender_files(spec: dict, python: str | None = None) -> list[Path]:
-    """The folders a contender's process reads from start to first image: its model (the sdrt model directory,
-    the diffusers checkpoint, optimum-intel's IR) and the packages it imports (for a contender in its own
-    virtual environment, that environment's lib folder)."""
+    """The files and folders a contender's process reads from start to first image: its model (the sdrt model
+    directory's files for its backend and precision, the diffusers checkpoint, optimum-intel's IR) and the packages
+    it imports (for a contender in its own virtual environment, that environment's lib folder)."""
     import importlib.util
 
     kind = spec["kind"]

@@ -129,10 +129,9 @@ def _bf16_bits(a: np.ndarray) -> np.ndarray:
     become its largest finite value (not infinity), NaN stays NaN."""
     u = np.ascontiguousarray(a, np.float32).view(np.uint32)
     bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(a)
-    over = ((bits & 0x7F80) == 0x7F80) & ~nan & np.isfinite(a)
+    over = ((bits & 0x7F80) == 0x7F80) & np.isfinite(a)
     bits[over] = (bits[over] & 0x8000) | 0x7F7F
-    bits[nan] = 0x7FC0
+    bits[np.isnan(a)] = 0x7FC0
     return bits
 
 
