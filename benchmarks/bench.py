@@ -9,10 +9,10 @@ Every contender runs in its own process (``python -m sdrt.benchmarks.worker``), 
 on the same initial latents (drawn here with numpy from --seed), prompt and settings: warm-up runs, then timed
 runs. Reported per contender: end-to-end latency (median, p90, min), per-stage latency (text encoder, UNet per
 step, VAE decode), cold start (from just before the process is spawned to its first image, with the files it
-reads already in the page cache, as a second launch finds them: ``--page-cache as-is`` to time the disk too), peak host RSS, peak
-GPU memory (NVML), and the max abs pixel difference of its image against diffusers'. A contender whose image
-differs by more than the tolerance is flagged and not ranked. The UNet's FLOPs are counted from the ONNX graph
-and set against this machine's measured matmul throughput (the roofline).
+reads already in the page cache, as a second launch finds them: ``--page-cache as-is`` to time the disk too),
+peak host RSS, peak GPU memory (NVML), and the max abs pixel difference of its image against diffusers'. A
+contender whose image differs by more than the tolerance is flagged and not ranked. The UNet's FLOPs are counted
+from the ONNX graph and set against this machine's measured matmul throughput (the roofline).
 """
 
 from __future__ import annotations

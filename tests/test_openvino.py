@@ -156,7 +156,8 @@ def test_bf16_compiles_an_ir_with_bf16_weights_made_once(sd1_copy):
     assert not [p for p in ir.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
     assert pipe.engine("vae_decoder")._bf16_ir() is None  # the denoisers only
     # the IR holds every exported weight, in bf16: about half the exported fp32 bytes
-    exported = (sd1_copy / json.loads((sd1_copy / "sdrt.json").read_text())["components"]["unet"]["external_data"]).stat().st_size
+    rec = json.loads((sd1_copy / "sdrt.json").read_text())["components"]["unet"]
+    exported = (sd1_copy / rec["external_data"]).stat().st_size
     assert 0.45 * exported < ir.with_suffix(".bin").stat().st_size < 0.55 * exported
     made = ir.stat().st_mtime_ns
     again = Pipeline.load(sd1_copy, backend="openvino", precision="bf16")
@@ -168,7 +169,6 @@ def test_bf16_compiles_an_ir_with_bf16_weights_made_once(sd1_copy):
     # LoRA weights are replaced in the exported graph (the IR holds the exported values)
     unet.set_weights({})
     assert unet._bf16_ir() is not None
-    rec = json.loads((sd1_copy / "sdrt.json").read_text())["components"]["unet"]
     entry = next(iter(json.loads((sd1_copy / rec["weights"]).read_text())["weights"].values()))
     zeros = np.zeros(entry["shape"], np.float32)
     engine = OvEngine("unet", sd1_copy, rec, precision="bf16", weights={entry["initializer"]: zeros})

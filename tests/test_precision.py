@@ -78,7 +78,8 @@ def test_bf16_on_openvino_is_close_to_fp32(model_dir, fp32):
     out = pipe(PROMPT, **CALL)
     assert psnr(out.images, fp32) > 35
     # the text encoder's conditioning steers every step: it stays f32; the UNet and the VAE run bf16
-    hints = {name: pipe.engine(name).config["INFERENCE_PRECISION_HINT"] for name in ("text_encoder", "unet", "vae_decoder")}
+    hints = {name: pipe.engine(name).config["INFERENCE_PRECISION_HINT"]
+             for name in ("text_encoder", "unet", "vae_decoder")}
     assert hints == {"text_encoder": "f32", "unet": "bf16", "vae_decoder": "bf16"}
 
 
