@@ -298,9 +298,12 @@ def contender_files(spec: dict, python: str | None = None) -> list[Path]:
 
     kind = spec["kind"]
     data = {"sdrt": spec.get("model"), "optimum-intel": spec.get("ov_model")}.get(kind, spec.get("checkpoint"))
-    paths = [Path(data)] if data else []
-    if kind == "sdrt" and data:
+    if not data:
+        paths = []
+    elif kind == "sdrt":
         paths = _sdrt_files(Path(data), spec.get("backend") or "", spec.get("precision") or "fp32")
+    else:
+        paths = [Path(data)]
     if python:
         paths.append(Path(python).parent.parent / "lib")
     else:
