@@ -44,8 +44,12 @@ def test_compiled_models_are_cached_and_a_second_load_reads_the_cache(sd1_copy, 
     Pipeline.load(sd1_copy, backend="openvino")("a red circle", **CALL)
     entries = list((sd1_copy / "cache").glob("unet-openvino-*"))
     assert entries and any(p.suffix == ".blob" for e in entries for p in e.iterdir())
-    again = Pipeline.load(sd1_copy, backend="openvino")("a red circle", **CALL).images
+    pipe = Pipeline.load(sd1_copy, backend="openvino")
+    again = pipe("a red circle", **CALL).images
     assert np.abs(again - ort_image).max() <= 2e-3
+    used = {name: getattr(e, "_engine", e) for name, e in pipe.engines.items()}
+    used = {name: e.from_cache for name, e in used.items() if e is not None and e.from_cache is not None}
+    assert set(used) >= {"text_encoder", "unet", "vae_decoder"} and all(used.values()), used  # VAE: weights inside
 
 
 def _text_encoder_record(root):
@@ -84,33 +88,85 @@ def test_set_weights_replaces_named_weights_as_onnx_runtime_does(sd1_copy):
     assert np.abs(ov(**feeds)["out_sample"] - before).max() <= 1e-5
 
 
-def test_compiled_weights_leave_the_process_and_the_cache_is_weightless(sd1_copy, monkeypatch):
-    """Once a graph is compiled, the pages of its weights that OpenVINO mapped from the model directory are
-    dropped from the process (they stay in the page cache): the compiled model computes the same after, and
-    a cache hit gives the same again. The cache blob does not hold the weights."""
+def _resident_bytes(path) -> int:
+    """This process's resident bytes of its mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+            inside = len(head) == 6 and head[5] == str(path)
+        elif inside and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
+def test_compiled_models_are_cached_weightless_and_imported_without_the_weights_twice(sd1_copy, monkeypatch):
+    """The first engine compiles each shape and caches it weightless; a second imports it (compiling nothing),
+    its weights read from the graph's own file, and computes the same. Neither keeps the pages of that file
+    it read (the plugin holds its own repacked copy). A damaged cache entry is removed and compiled again."""
     import sys
 
-    import sdrt.runtime.backends.openvino as backend
-
-    dropped = []
-    real = backend._unmap_source_weights
-    monkeypatch.setattr(backend, "_unmap_source_weights", lambda model, d: dropped.append(real(model, d)) or dropped[-1])
     rec = json.loads((sd1_copy / "sdrt.json").read_text())["components"]["unet"]
     rng = np.random.default_rng(0)
     feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32), "timestep": np.array([10.0, 10.0], np.float32),
              "encoder_hidden_states": rng.standard_normal((2, 77, rec["inputs"][2]["shape"][-1]), dtype=np.float32)}
     expected = OrtEngine("unet", sd1_copy, rec, cache=False)(**feeds)["out_sample"]
     shutil.rmtree(sd1_copy / "cache", ignore_errors=True)
+    weights = (sd1_copy / rec["external_data"]).resolve()
+
     first = OvEngine("unet", sd1_copy, rec)
     out = [first(**feeds)["out_sample"], first(**feeds)["out_sample"]]
-    out.append(OvEngine("unet", sd1_copy, rec)(**feeds)["out_sample"])  # from the cache
+    assert first.from_cache is False
+    (blob,) = (sd1_copy / "cache").glob("unet-openvino-*/*.sdrt.blob")
+    assert blob.stat().st_size < weights.stat().st_size / 4  # weightless
+
+    second = OvEngine("unet", sd1_copy, rec)
+    monkeypatch.setattr(second.core, "compile_model", None, raising=False)  # a hit compiles nothing
+    out.append(second(**feeds)["out_sample"])
+    assert second.from_cache is True
     for o in out:
         assert np.abs(o - expected).max() <= 1e-4
     if sys.platform.startswith("linux"):
-        assert len(dropped) == 2 and all(n > 0 for n in dropped)
-    blobs = [p for p in (sd1_copy / "cache").glob("unet-openvino-*/*.blob")]
-    weights = (sd1_copy / rec["external_data"]).stat().st_size
-    assert blobs and all(p.stat().st_size < weights / 4 for p in blobs)
+        assert _resident_bytes(weights) == 0
+
+    blob.write_bytes(b"damaged")
+    third = OvEngine("unet", sd1_copy, rec)
+    assert np.abs(third(**feeds)["out_sample"] - expected).max() <= 1e-4
+    assert third.from_cache is False and blob.stat().st_size > len(b"damaged")
+
+
+def test_dropped_pages_are_only_those_of_the_named_files_read_only_mappings(tmp_path):
+    """_DroppedPages unmaps pages of read-only mappings of the files it is given, nothing else: a file mapped
+    copy-on-write keeps the bytes written to it, and a mapping dropped reads its file's bytes again."""
+    import mmap
+    import sys
+
+    from sdrt.runtime.backends.openvino import _DroppedPages
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("Linux only")
+    data = np.arange(1 << 18, dtype=np.float32)
+    named, other = tmp_path / "weights.bin", tmp_path / "other.bin"
+    data.tofile(named)
+    data.tofile(other)
+    with open(named, "rb") as f:
+        ro = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with open(named, "r+b") as f:
+        cow = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    with open(other, "rb") as f:
+        kept = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view, cview, kview = (np.frombuffer(m, np.float32) for m in (ro, cow, kept))
+    assert view.sum() == kview.sum() == data.sum()
+    cview[:] = -1.0
+    with _DroppedPages([named], period=0.01) as dropper:
+        assert view.sum() == data.sum()  # read while it drops
+    assert dropper.dropped >= data.nbytes
+    assert _resident_bytes(named.resolve()) == data.nbytes  # the copy-on-write mapping's pages stay
+    assert (cview == -1.0).all() and (view == data).all() and (kview == data).all()
+    assert _resident_bytes(other.resolve()) == data.nbytes
+    del view, cview, kview
+    for m in (ro, cow, kept):
+        m.close()
 
 
 def test_precisions_a_backend_or_cpu_cannot_run_are_refused_in_one_line():
@@ -142,34 +198,45 @@ def test_bf16_rounding_is_to_nearest_even_and_saturates_finite_values():
 
 
 def test_bf16_compiles_an_ir_with_bf16_weights_made_once(sd1_copy):
+    """The IR is made once, reused bit for bit (and its compiled shapes imported from the cache with their
+    weights read from it), made again when damaged; denoisers only, and not under LoRA weights. Engine level,
+    so it runs on any CPU: where bf16 is not native OpenVINO computes in f32, from the same bf16 weights."""
+    rec = json.loads((sd1_copy / "sdrt.json").read_text())["components"]["unet"]
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32), "timestep": np.array([10.0, 10.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, rec["inputs"][2]["shape"][-1]), dtype=np.float32)}
+    unet = OvEngine("unet", sd1_copy, rec, precision="bf16")
+    first = unet(**feeds)["out_sample"]
+    ir = unet._bf16_ir()
+    assert ir is not None and ir.is_file() and unet._weights_file == ir.with_suffix(".bin") and not unet.from_cache
+    xml = ir.read_text()
+    assert 'element_type="bf16"' in xml and 'element_type="f16"' not in xml and "decompression" in xml
+    assert not [p for p in ir.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
+    vae_rec = json.loads((sd1_copy / "sdrt.json").read_text())["components"]["vae_decoder"]
+    assert OvEngine("vae_decoder", sd1_copy, vae_rec, precision="bf16")._bf16_ir() is None  # the denoisers only
+    # the IR holds every exported weight, in bf16: about half the exported fp32 bytes
+    exported = (sd1_copy / rec["external_data"]).stat().st_size
+    assert 0.45 * exported < ir.with_suffix(".bin").stat().st_size < 0.55 * exported
+    made = ir.stat().st_mtime_ns
+    again = OvEngine("unet", sd1_copy, rec, precision="bf16")
+    assert np.array_equal(again(**feeds)["out_sample"], first) and ir.stat().st_mtime_ns == made and again.from_cache
+    # a damaged IR is made again, not trusted (and the shapes compiled from the old one are compiled again)
+    ir.write_text("<net")
+    third = OvEngine("unet", sd1_copy, rec, precision="bf16")
+    assert np.array_equal(third(**feeds)["out_sample"], first) and "bf16" in ir.read_text() and not third.from_cache
+    # LoRA weights are replaced in the exported graph (the IR holds the exported values)
+    entry = next(iter(json.loads((sd1_copy / rec["weights"]).read_text())["weights"].values()))
+    zeros = np.zeros(entry["shape"], np.float32)
+    engine = OvEngine("unet", sd1_copy, rec, precision="bf16", weights={entry["initializer"]: zeros})
+    assert engine._bf16_ir() is None
+
+
+def test_bf16_pipeline_runs_where_the_cpu_has_it(sd1_copy, ort_image):
     from sdrt.runtime.precision import isa
 
     if not isa()["bf16"]:
         pytest.skip("this CPU has no AVX-512 BF16 or AMX")
     pipe = Pipeline.load(sd1_copy, backend="openvino", precision="bf16")
-    first = pipe("a red circle", **CALL).images
-    unet = pipe.engine("unet")
-    ir = unet._bf16_ir()
-    assert ir is not None and ir.is_file() and ir.with_suffix(".bin").is_file() and unet._source_dir == ir.parent
-    xml = ir.read_text()
-    assert 'element_type="bf16"' in xml and 'element_type="f16"' not in xml and "decompression" in xml
-    assert not [p for p in ir.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
-    assert pipe.engine("vae_decoder")._bf16_ir() is None  # the denoisers only
-    # the IR holds every exported weight, in bf16: about half the exported fp32 bytes
-    rec = json.loads((sd1_copy / "sdrt.json").read_text())["components"]["unet"]
-    exported = (sd1_copy / rec["external_data"]).stat().st_size
-    assert 0.45 * exported < ir.with_suffix(".bin").stat().st_size < 0.55 * exported
-    made = ir.stat().st_mtime_ns
-    again = Pipeline.load(sd1_copy, backend="openvino", precision="bf16")
-    assert np.array_equal(again("a red circle", **CALL).images, first) and ir.stat().st_mtime_ns == made
-    # a damaged IR is made again, not trusted
-    ir.write_text("<net")
-    third = Pipeline.load(sd1_copy, backend="openvino", precision="bf16")
-    assert np.array_equal(third("a red circle", **CALL).images, first) and "bf16" in ir.read_text()
-    # LoRA weights are replaced in the exported graph (the IR holds the exported values)
-    unet.set_weights({})
-    assert unet._bf16_ir() is not None
-    entry = next(iter(json.loads((sd1_copy / rec["weights"]).read_text())["weights"].values()))
-    zeros = np.zeros(entry["shape"], np.float32)
-    engine = OvEngine("unet", sd1_copy, rec, precision="bf16", weights={entry["initializer"]: zeros})
-    assert engine._bf16_ir() is None
+    image = pipe("a red circle", **CALL).images
+    assert pipe.engine("unet")._bf16_ir() is not None
+    assert np.isfinite(image).all() and np.abs(image - ort_image).mean() <= 0.05  # bf16: near, not equal

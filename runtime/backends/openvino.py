@@ -8,18 +8,18 @@ OpenVINO's ONNX frontend (external data beside them), compiled for the CPU plugi
 - Threads: ``INFERENCE_NUM_THREADS`` = physical cores, ``PERFORMANCE_HINT`` LATENCY (one stream).
 - Shapes: the graphs have dynamic batch / height / width. Compiled for the shape of each call (the graph
   reshaped to it), they run 25-30% faster than compiled dynamic (the small sd1 test UNet, 2 cores); one
-  compiled shape is held per component at a time, and compiled models are cached on disk (``CACHE_DIR``,
-  keyed by the graph's sha256, OpenVINO's version and the precision) under the same cache root as ONNX
-  Runtime's optimized graphs, so a shape compiled once loads from the cache afterwards. The cache is
-  weightless (``CACHE_MODE`` OPTIMIZE_SIZE: the weights come from the graph), and once compiled, the pages
-  of the graph's weights mapped from the model directory are dropped from the process
-  (``_unmap_source_weights``): the plugin keeps those Constants alive beside its repacked copies.
+  compiled shape is held per component at a time. Each shape compiled is cached on disk under the same cache
+  root as ONNX Runtime's optimized graphs (keyed by the graph's sha256, OpenVINO's version and the
+  precision): weightless (``CACHE_MODE`` OPTIMIZE_SIZE, a few MB), imported afterwards with its weights read
+  from the graph's own weights file (``WEIGHTS_PATH``), in less time than a compile (``OvEngine._compile``).
+- Memory: while a graph compiles or imports, the pages of its weights file mapped into the process are
+  dropped as the plugin goes (``_DroppedPages``): it keeps the graph's Constants alive beside its own
+  repacked copies, so otherwise each weight would be resident twice (sd1-full's fp32 UNet: peak 6.8 -> 3.5 GB).
 - bf16 reads its weights in bf16: on first use the graph is saved once as an OpenVINO IR whose float weights
   are bf16 Constants (each rounded to nearest even from the exported fp32, as the plugin itself would round
   them) behind decompression Converts (``_bf16_weights_ir``), in the compile cache's folder. Compiling it reads
-  half the bytes (sd1-full's UNet: 1.7 instead of 3.4 GB), so the compile peaks at the weights' bf16 size
-  twice, not fp32 plus bf16; and OpenVINO runs the matrix products whose weights it decompresses with f32
-  activations, which halves bf16's error against fp32 (the default model's UNet: rms 0.011 -> 0.006) and
+  half the bytes (sd1-full's UNet: 1.7 instead of 3.4 GB); and OpenVINO runs the matrix products whose weights
+  it decompresses with f32 activations, which halves bf16's error against fp32 (the default model's UNet: rms 0.011 -> 0.006) and
   costs 6% of a UNet step (sd1-full, 256x256: 941 -> 1003 ms). The denoisers only (UNet, ControlNets).
 - ``set_weights`` (LoRA): the graph is read again and the named initializers (OpenVINO Constants keep
   their ONNX names) are replaced before compiling; every other weight takes its exported value.
@@ -28,7 +28,6 @@ OpenVINO's ONNX frontend (external data beside them), compiled for the CPU plugi
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 from pathlib import Path
 
@@ -80,48 +79,58 @@ def _detail(e: Exception) -> str:
     return (" ".join(useful or lines) or type(e).__name__)[:300]
 
 
-def _unmap_source_weights(model, model_dir: Path) -> int:
-    """Drop this process's pages of ``model``'s weights that OpenVINO maps from the model directory's files
-    (the exported graph's external data), once the model is compiled; returns the bytes dropped.
+class _DroppedPages:
+    """While OpenVINO compiles (or imports) a graph, the pages of its weights file(s) mapped into this process
+    are dropped from it every ``period`` seconds, and once more at the end; ``dropped``: the bytes of mapping
+    released by that last pass.
 
-    The CPU plugin keeps the graph's Constants alive beside its own repacked copies, so every weight page it
-    read while compiling stays resident: twice the weights (sd1-full's fp32 UNet: 6.6 GB, 3.4 GB after this).
-    ``madvise(MADV_DONTNEED)`` on a read-only file mapping only unmaps the pages: they stay in the page
-    cache, and one read again is faulted back in from it. Only pages wholly inside a Constant that ``model``
-    (alive here) holds, and inside a read-only mapping of a file under ``model_dir``, are dropped: never
-    anonymous memory, whose pages the call would zero. Linux only; elsewhere nothing."""
-    maps = Path("/proc/self/maps")
-    if not maps.is_file():
-        return 0
-    import ctypes
+    The CPU plugin reads each weight from the mapped file while it repacks it into its own memory, and keeps
+    the graph's Constants alive beside the repacked copies: left alone, every page it read stays resident, so a
+    compile peaks at twice the weights (sd1-full's fp32 UNet: 6.8 GB; 3.5 GB with this, and no slower: pages
+    read again fault back in from the page cache, and the plugin reads each weight about once).
+    ``madvise(MADV_DONTNEED)`` on a read-only file mapping only unmaps pages: nothing is lost. Only read-only
+    mappings of exactly these files are touched, never anonymous memory (whose pages the call would zero).
+    Linux only; elsewhere nothing."""
 
-    root = str(Path(model_dir).resolve()) + os.sep
-    mapped = []
-    for line in maps.read_text().splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and "w" not in parts[1] and parts[5].startswith(root):
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            mapped.append((lo, hi))
-    if not mapped:
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page, dropped = mmap.PAGESIZE, 0
-    for op in model.get_ops():
-        if op.get_type_name() != "Constant":
-            continue
-        try:
-            data = op.get_data()
-        except (RuntimeError, TypeError, ValueError):
-            continue  # an element type numpy does not hold
-        start = data.ctypes.data
-        end = start + data.nbytes
-        if not any(lo <= start and end <= hi for lo, hi in mapped):
-            continue  # made by OpenVINO in its own memory, not read from a file
-        first, last = -(-start // page) * page, end // page * page
-        if last > first and libc.madvise(first, last - first, 4) == 0:  # MADV_DONTNEED
-            dropped += last - first
-    return dropped
+    def __init__(self, files, period: float = 0.2):
+        self.files = {str(Path(f).resolve()) for f in files if f and Path(f).is_file()}
+        self.period, self.dropped = period, 0
+        self._stop = self._thread = None
+
+    def _drop(self) -> int:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        dropped = 0
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and "w" not in parts[1] and parts[5] in self.files:
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if libc.madvise(lo, hi - lo, 4) == 0:  # MADV_DONTNEED
+                    dropped += hi - lo
+        return dropped
+
+    def __enter__(self):
+        if self.files and Path("/proc/self/maps").is_file():
+            import threading
+
+            self._stop = threading.Event()
+
+            def run():
+                while not self._stop.wait(self.period):
+                    self._drop()
+
+            self._thread = threading.Thread(target=run, name="sdrt-drop-pages", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.dropped = self._drop()
+        return False
 
 
 def _bf16_bits(a: np.ndarray) -> np.ndarray:
@@ -195,6 +204,7 @@ class OvEngine:
         self.cache_dir = self._cache_dir(ov) if cache else None
         self.weights: dict = dict(weights or {})
         self._compiled = None  # (shape signature, compiled model, infer request)
+        self.from_cache = None  # whether the compiled model in use was imported from the cache
         self.model = self._read()
         self.input_names = [self._port_name(p, record["inputs"]) for p in self.model.inputs]
         self.output_names = [self._port_name(p, record["outputs"]) for p in self.model.outputs]
@@ -245,10 +255,13 @@ class OvEngine:
 
             raise ModelDirError(f"OpenVINO cannot read {self.path} ({_detail(e)}); if the file is damaged, "
                                 "re-export the model with `sdrt export --overwrite`") from e
-        self._source_dir = self.model_dir
+        data = self.record.get("external_data")
+        self._weights_file = self.model_dir / data if data else None
         if ir is not None:
             try:
                 ir.parent.mkdir(parents=True, exist_ok=True)
+                for stale in ir.parent.glob("*.sdrt.blob"):  # compiled from an earlier IR: its offsets
+                    stale.unlink(missing_ok=True)
                 _bf16_weights_ir(self.core, model, ir)
                 built = self._read_ir(ir)
             except (OSError, RuntimeError):
@@ -270,7 +283,7 @@ class OvEngine:
             ir.unlink(missing_ok=True)
             return None
         self._restore_inputs(model)
-        self._source_dir = ir.parent
+        self._weights_file = ir.with_suffix(".bin")
         return model
 
     def _restore_inputs(self, model) -> None:
@@ -334,31 +347,85 @@ class OvEngine:
         release_memory()
         self.model = self._read()
 
+    def _blob(self, signature: tuple) -> Path | None:
+        """Where the compiled model for ``signature`` is cached, or None: no writable cache, or set_weights'
+        weights (the cache is keyed by the exported ones)."""
+        if self.cache_dir is None or self.weights:
+            return None
+        source = self._weights_file.name if self._weights_file else self.path.name
+        shapes = signature if self.static_shapes else "dynamic"
+        return self.cache_dir / f"{hashlib.sha256(f'{shapes}|{source}'.encode()).hexdigest()[:16]}.sdrt.blob"
+
     def _compile(self, signature: tuple):
+        """The compiled model for ``signature`` and an infer request: imported from the cache where this shape
+        was compiled before, else compiled from the graph (and then cached).
+
+        The cache is sdrt's own rather than OpenVINO's CACHE_DIR, which never hits a weightless entry of a
+        graph read from ONNX (OpenVINO 2026.4: the entry is written and rewritten, every load compiles anew),
+        and on a hit would hash the whole graph first, reading every weight. An import reads only the blob and
+        the weights it repacks (sd1-full's fp32 UNet: 4.5 s, against 7-13 s to compile)."""
+        blob = self._blob(signature)
+        compiled = self._import(blob) if blob is not None and blob.is_file() else None
+        self.from_cache = compiled is not None
+        if compiled is None:
+            if self.model is None:
+                self.model = self._read()
+            compiled, weightless = self._compile_graph(signature, cache=blob is not None)
+            if blob is not None and weightless:
+                self._save(compiled, blob)
+        return compiled, compiled.create_infer_request()
+
+    def _compile_graph(self, signature: tuple, cache: bool):
+        """(compiled model, whether to cache its export) for ``signature``, from the graph. With its weights in a
+        file of their own, the export is weightless: the blob holds the compiled graph, not the weights (3.3 MB,
+        not 3.4 GB); a graph with its weights inside (a VAE: OpenVINO cannot find them there again) exports
+        them too."""
         config = dict(self.config)
-        if self.cache_dir is not None and not self.weights:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            # weightless: the blob holds the compiled graph and takes the weights from the graph being compiled
-            # (sd1-full's UNet: 3.3 MB instead of 3.4 GB a shape, and a cache hit no longer holds the blob's
-            # copy of every weight beside the graph's and the compiled one's: peak 9.8 -> 6.6 GB)
-            config.update({"CACHE_DIR": str(self.cache_dir), "CACHE_MODE": "OPTIMIZE_SIZE"})
+        if cache and self._weights_file is not None:
+            config["CACHE_MODE"] = "OPTIMIZE_SIZE"
         model = self.model
         if self.static_shapes:
             model = model.clone()
             model.reshape({name: list(shape) for name, shape in signature})
         try:
             try:
-                compiled = self.core.compile_model(model, "CPU", config)
+                with _DroppedPages([self._weights_file]):
+                    return self.core.compile_model(model, "CPU", config), cache
             except RuntimeError as e:
                 if "CACHE_MODE" not in config or "CACHE_MODE" not in str(e):
                     raise
-                del config["CACHE_MODE"]  # an OpenVINO without weightless caching
-                compiled = self.core.compile_model(model, "CPU", config)
+                del config["CACHE_MODE"]  # an OpenVINO without weightless caching: compiled, not cached
+                with _DroppedPages([self._weights_file]):
+                    return self.core.compile_model(model, "CPU", config), False
         except RuntimeError as e:
             raise BackendUnavailable(f"OpenVINO cannot compile {self.name} for the shapes {dict(signature)}: "
                                      f"{_detail(e)}") from e
-        _unmap_source_weights(model, self._source_dir)
-        return compiled, compiled.create_infer_request()
+
+    def _import(self, blob: Path):
+        """The compiled model in ``blob``, its weights read from the graph's weights file (from the blob, for a
+        graph with its weights inside); None where the blob cannot be imported (then removed, to be compiled
+        and written again)."""
+        config = dict(self.config)
+        if self._weights_file is not None:
+            config.update({"CACHE_MODE": "OPTIMIZE_SIZE", "WEIGHTS_PATH": str(self._weights_file)})
+        try:
+            data = blob.read_bytes()
+            with _DroppedPages([self._weights_file]):
+                return self.core.import_model(data, "CPU", config)
+        except (OSError, RuntimeError):
+            blob.unlink(missing_ok=True)
+            return None
+
+    @staticmethod
+    def _save(compiled, blob: Path) -> None:
+        from ..files import write_atomic
+
+        try:
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            data = compiled.export_model()
+            write_atomic(blob, lambda f: f.write(data.getvalue() if hasattr(data, "getvalue") else data))
+        except (OSError, RuntimeError):
+            pass  # a cache that cannot take it: compiled again next time
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         # only what the graph takes (OpenVINO drops an input no output depends on; ONNX Runtime ignores it)
@@ -367,8 +434,6 @@ class OvEngine:
         if self._compiled is None or (self.static_shapes and self._compiled[0] != signature):
             self._compiled = None  # one compiled shape at a time: each holds its own copy of the weights
             release_memory()
-            if self.model is None:
-                self.model = self._read()
             self._compiled = (signature, *self._compile(signature))
             # the compiled model holds its own (repacked) weights: the graph read from disk is dropped (read
             # again, 0.4 s for SD 1.5's UNet, when another shape comes), so its pages leave this process's RSS
