@@ -315,20 +315,18 @@ def contender_files(spec: dict, python: str | None = None) -> list[Path]:
 
 
 # sdrt's cache entries (DIR/cache/<component>-<tag>-<key>) per backend
-_CACHE_TAGS = {"ort-cpu": "-cpu-", "ort-cuda": "-cuda-", "openvino": "-openvino-"}
-
-
 def _sdrt_files(model: Path, backend: str, precision: str) -> list[Path]:
     """The files of an sdrt model directory that a contender may read: not the other backends' cache entries,
     nor another precision's graphs (a model directory with every variant and cache is 12 GB here, and reading
     it all would push the contender's own files out of the page cache)."""
-    tag = _CACHE_TAGS.get(backend)
+    from sdrt.runtime.backends.base import is_cache_entry_of
+
     out = []
     for f in sorted(model.rglob("*")):
         rel = f.relative_to(model).parts
         if not f.is_file() or f.is_symlink():
             continue
-        if rel[0] == "cache" and len(rel) > 2 and (tag is None or tag not in rel[1]):
+        if rel[0] == "cache" and len(rel) > 2 and not is_cache_entry_of(rel[1], backend):
             continue
         if ".int8." in f.name and precision != "int8":
             continue

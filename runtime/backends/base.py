@@ -3,6 +3,7 @@ numpy arrays out. ONNX Runtime (CPU, CUDA) and TensorRT implement it."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -21,3 +22,17 @@ class Engine(Protocol):
 
     def close(self) -> None: ...
 
+
+
+# backend -> the tag in the names of its cache entries (``<component>-<tag>-<key>`` under the cache root):
+# what a reader of the cache (the benchmark warming one backend's files) tells them apart by
+CACHE_TAGS = {"ort-cpu": "cpu", "ort-cuda": "cuda", "openvino": "openvino"}
+
+
+def cache_entry(root: Path, component: str, backend: str, key: str) -> Path:
+    return root / f"{component}-{CACHE_TAGS[backend]}-{key}"
+
+
+def is_cache_entry_of(name: str, backend: str) -> bool:
+    tag = CACHE_TAGS.get(backend)
+    return tag is not None and f"-{tag}-" in name

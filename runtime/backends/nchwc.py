@@ -18,7 +18,6 @@ does not depend on it).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import release_memory
-from .base import BackendUnavailable
+from .base import BackendUnavailable, cache_entry
 
 
 def physical_cores() -> int:
@@ -290,7 +290,7 @@ class OrtEngine:
         key = hashlib.sha256(
             f"{record.get('sha256')}|{record.get('external_data_sha256')}|{stats}|{ort.__version__}|{self.provider}".encode()
         ).hexdigest()[:16]
-        entry = root / f"{self.name}-{self.provider}-{key}"
+        entry = cache_entry(root, self.name, f"ort-{self.provider}", key)
         cached = entry / "model.onnx"
         if cached.is_file():
             relaid = self._relaid(entry) if self.weights else {}

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import release_memory
-from .base import BackendUnavailable
+from .base import BackendUnavailable, cache_entry
 from .onnxruntime import _writable_cache_root, physical_cores
 
 # sdrt's precision names -> OpenVINO's inference precision hint. int8 is the fastest mode: its float ops (the
@@ -93,7 +93,7 @@ class _DroppedPages:
     Linux only; elsewhere nothing."""
 
     def __init__(self, files, period: float = 0.2):
-        self.files = {str(Path(f).resolve()) for f in files if f and Path(f).is_file()}
+        self.files = {str(Path(f).resolve()) for f in files if f}  # may be written while it runs
         self.period, self.dropped = period, 0
         self._stop = self._thread = None
 
@@ -144,43 +144,46 @@ def _bf16_bits(a: np.ndarray) -> np.ndarray:
     return bits
 
 
-def _bf16_weights_ir(core, model, xml: Path) -> None:
+def _bf16_weights_ir(core, model, xml: Path, weights_file: Path | None = None) -> None:
     """Save ``model`` (read from the exported graph) as an IR at ``xml`` whose float weights are bf16 Constants
     behind decompression Converts. OpenVINO's documented writer marks the Converts only for f16
     (``save_model(compress_to_fp16=True)``), so the model is saved that way first, and each f16 Constant is
     then replaced by the bf16 rounding of its exported fp32 value (the f16 one is never used); the writes are
-    renamed into place, .bin before .xml, so a reader that finds the .xml finds both."""
+    renamed into place, .bin before .xml, so a reader that finds the .xml finds both. The pages of the exported
+    weights (``weights_file``) and of the f16 IR's read while it works are dropped as it goes (_DroppedPages):
+    the first bf16 load of sd1-full's UNet peaks at 3.5 GB instead of 5.1 GB while it makes the IR."""
     import openvino as ov
 
     exported = {op.get_friendly_name(): op for op in model.get_ops()
                 if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.f32}
     tmp = xml.with_name(f".{xml.stem}.{os.getpid()}")
     half, out = tmp.with_suffix(".f16.xml"), tmp.with_suffix(".xml")
-    try:
-        ov.save_model(model, str(half), compress_to_fp16=True)
-        compressed = core.read_model(str(half))
-        alive = []  # the bf16 arrays the new Constants share: alive until the model is written
-        for op in compressed.get_ops():
-            if op.get_type_name() != "Constant" or op.get_element_type() != ov.Type.f16:
-                continue
-            name = op.get_friendly_name()
-            source = exported.get(name[: -len("_compressed")] if name.endswith("_compressed") else name)
-            if source is None:
-                continue
-            shape = list(op.get_shape())
-            bits = _bf16_bits(source.get_data()).reshape(shape)
-            alive.append(bits)
-            new = ov.op.Constant(ov.Tensor(bits, ov.Shape(shape), ov.Type.bf16))
-            new.set_friendly_name(name)
-            op.output(0).replace(new.output(0))
-        compressed.validate_nodes_and_infer_types()
-        ov.save_model(compressed, str(out), compress_to_fp16=False)
-        del compressed, alive
-        os.replace(out.with_suffix(".bin"), xml.with_suffix(".bin"))
-        os.replace(out, xml)
-    finally:
-        for f in (half, half.with_suffix(".bin"), out, out.with_suffix(".bin")):
-            f.unlink(missing_ok=True)
+    with _DroppedPages([weights_file, half.with_suffix(".bin")]):
+        try:
+            ov.save_model(model, str(half), compress_to_fp16=True)
+            compressed = core.read_model(str(half))
+            alive = []  # the bf16 arrays the new Constants share: alive until the model is written
+            for op in compressed.get_ops():
+                if op.get_type_name() != "Constant" or op.get_element_type() != ov.Type.f16:
+                    continue
+                name = op.get_friendly_name()
+                source = exported.get(name[: -len("_compressed")] if name.endswith("_compressed") else name)
+                if source is None:
+                    continue
+                shape = list(op.get_shape())
+                bits = _bf16_bits(source.get_data()).reshape(shape)
+                alive.append(bits)
+                new = ov.op.Constant(ov.Tensor(bits, ov.Shape(shape), ov.Type.bf16))
+                new.set_friendly_name(name)
+                op.output(0).replace(new.output(0))
+            compressed.validate_nodes_and_infer_types()
+            ov.save_model(compressed, str(out), compress_to_fp16=False)
+            del compressed, alive
+            os.replace(out.with_suffix(".bin"), xml.with_suffix(".bin"))
+            os.replace(out, xml)
+        finally:
+            for f in (half, half.with_suffix(".bin"), out, out.with_suffix(".bin")):
+                f.unlink(missing_ok=True)
 
 
 class OvEngine:
@@ -227,7 +230,7 @@ class OvEngine:
                  for f in (rec["file"], rec.get("external_data")) if f]
         key = hashlib.sha256(f"{rec.get('sha256')}|{rec.get('external_data_sha256')}|{stats}|{ov.__version__}|"
                              f"{self.precision}|{self.config['INFERENCE_PRECISION_HINT']}|{self.threads}".encode()).hexdigest()[:16]
-        return root / f"{self.name}-openvino-{key}"
+        return cache_entry(root, self.name, "openvino", key)
 
     def _bf16_ir(self) -> Path | None:
         """Where this engine's bf16-weights IR is cached: in bf16, with the exported weights, for a denoiser (the
@@ -262,7 +265,7 @@ class OvEngine:
                 ir.parent.mkdir(parents=True, exist_ok=True)
                 for stale in ir.parent.glob("*.sdrt.blob"):  # compiled from an earlier IR: its offsets
                     stale.unlink(missing_ok=True)
-                _bf16_weights_ir(self.core, model, ir)
+                _bf16_weights_ir(self.core, model, ir, self._weights_file)
                 built = self._read_ir(ir)
             except (OSError, RuntimeError):
                 built = None  # a cache that cannot take it: the exported graph, its weights rounded when compiled
