@@ -314,7 +314,6 @@ def contender_files(spec: dict, python: str | None = None) -> list[Path]:
     return paths
 
 
-# sdrt's cache entries (DIR/cache/<component>-<tag>-<key>) per backend
 def _sdrt_files(model: Path, backend: str, precision: str) -> list[Path]:
     """The files of an sdrt model directory that a contender may read: not the other backends' cache entries,
     nor another precision's graphs (a model directory with every variant and cache is 12 GB here, and reading

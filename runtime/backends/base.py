@@ -23,7 +23,6 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-
 # backend -> the tag in the names of its cache entries (``<component>-<tag>-<key>`` under the cache root):
 # what a reader of the cache (the benchmark warming one backend's files) tells them apart by
 CACHE_TAGS = {"ort-cpu": "cpu", "ort-cuda": "cuda", "openvino": "openvino"}

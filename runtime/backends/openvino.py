@@ -19,8 +19,9 @@ OpenVINO's ONNX frontend (external data beside them), compiled for the CPU plugi
   are bf16 Constants (each rounded to nearest even from the exported fp32, as the plugin itself would round
   them) behind decompression Converts (``_bf16_weights_ir``), in the compile cache's folder. Compiling it reads
   half the bytes (sd1-full's UNet: 1.7 instead of 3.4 GB); and OpenVINO runs the matrix products whose weights
-  it decompresses with f32 activations, which halves bf16's error against fp32 (the default model's UNet: rms 0.011 -> 0.006) and
-  costs 6% of a UNet step (sd1-full, 256x256: 941 -> 1003 ms). The denoisers only (UNet, ControlNets).
+  it decompresses with f32 activations, which halves bf16's error against fp32 (the default model's UNet: rms
+  0.011 -> 0.006) and costs 6% of a UNet step (sd1-full, 256x256: 941 -> 1003 ms). The denoisers only (UNet,
+  ControlNets).
 - ``set_weights`` (LoRA): the graph is read again and the named initializers (OpenVINO Constants keep
   their ONNX names) are replaced before compiling; every other weight takes its exported value.
 """
@@ -373,8 +374,8 @@ class OvEngine:
         if compiled is None:
             if self.model is None:
                 self.model = self._read()
-            compiled, weightless = self._compile_graph(signature, cache=blob is not None)
-            if blob is not None and weightless:
+            compiled, cacheable = self._compile_graph(signature, cache=blob is not None)
+            if cacheable:
                 self._save(compiled, blob)
         return compiled, compiled.create_infer_request()
 
