@@ -52,6 +52,13 @@ def test_compiled_models_are_cached_and_a_second_load_reads_the_cache(sd1_copy, 
     assert set(used) >= {"text_encoder", "unet", "vae_decoder"} and all(used.values()), used  # VAE: weights inside
 
 
+def _unet_feeds(rec, rng=None) -> dict:
+    """One CFG-batch UNet call at 8x8 latents, for the UNet of record ``rec``."""
+    rng = rng or np.random.default_rng(0)
+    return {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32), "timestep": np.array([10.0, 10.0], np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, rec["inputs"][2]["shape"][-1]), dtype=np.float32)}
+
+
 def _text_encoder_record(root):
     return json.loads((root / "sdrt.json").read_text())["components"]["text_encoder"]
 
@@ -75,8 +82,7 @@ def test_set_weights_replaces_named_weights_as_onnx_runtime_does(sd1_copy):
     entry = weights["conv_in"]
     rng = np.random.default_rng(1)
     new = {entry["initializer"]: rng.standard_normal(entry["shape"]).astype(np.float32)}
-    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32), "timestep": np.array([10.0, 10.0], np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, rec["inputs"][2]["shape"][-1]), dtype=np.float32)}
+    feeds = _unet_feeds(rec, rng)
     ov, ort = OvEngine("unet", sd1_copy, rec, cache=False), OrtEngine("unet", sd1_copy, rec, cache=False)
     before = ov(**feeds)["out_sample"]
     ov.set_weights(new)
@@ -107,9 +113,7 @@ def test_compiled_models_are_cached_weightless_and_imported_without_the_weights_
     import sys
 
     rec = json.loads((sd1_copy / "sdrt.json").read_text())["components"]["unet"]
-    rng = np.random.default_rng(0)
-    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32), "timestep": np.array([10.0, 10.0], np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, rec["inputs"][2]["shape"][-1]), dtype=np.float32)}
+    feeds = _unet_feeds(rec)
     expected = OrtEngine("unet", sd1_copy, rec, cache=False)(**feeds)["out_sample"]
     shutil.rmtree(sd1_copy / "cache", ignore_errors=True)
     weights = (sd1_copy / rec["external_data"]).resolve()
@@ -202,9 +206,7 @@ def test_bf16_compiles_an_ir_with_bf16_weights_made_once(sd1_copy):
     weights read from it), made again when damaged; denoisers only, and not under LoRA weights. Engine level,
     so it runs on any CPU: where bf16 is not native OpenVINO computes in f32, from the same bf16 weights."""
     rec = json.loads((sd1_copy / "sdrt.json").read_text())["components"]["unet"]
-    rng = np.random.default_rng(0)
-    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32), "timestep": np.array([10.0, 10.0], np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, rec["inputs"][2]["shape"][-1]), dtype=np.float32)}
+    feeds = _unet_feeds(rec)
     unet = OvEngine("unet", sd1_copy, rec, precision="bf16")
     first = unet(**feeds)["out_sample"]
     ir = unet._bf16_ir()
