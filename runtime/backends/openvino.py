@@ -392,14 +392,13 @@ class OvEngine:
             model = model.clone()
             model.reshape({name: list(shape) for name, shape in signature})
         try:
-            try:
-                with _DroppedPages([self._weights_file]):
+            with _DroppedPages([self._weights_file]):
+                try:
                     return self.core.compile_model(model, "CPU", config), cache
-            except RuntimeError as e:
-                if "CACHE_MODE" not in config or "CACHE_MODE" not in str(e):
-                    raise
-                del config["CACHE_MODE"]  # an OpenVINO without weightless caching: compiled, not cached
-                with _DroppedPages([self._weights_file]):
+                except RuntimeError as e:
+                    if "CACHE_MODE" not in config or "CACHE_MODE" not in str(e):
+                        raise
+                    del config["CACHE_MODE"]  # an OpenVINO without weightless caching: compiled, not cached
                     return self.core.compile_model(model, "CPU", config), False
         except RuntimeError as e:
             raise BackendUnavailable(f"OpenVINO cannot compile {self.name} for the shapes {dict(signature)}: "
