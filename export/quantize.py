@@ -145,6 +145,18 @@ def _quantize_nncf(src: Path, out: Path, samples: list[dict]) -> None:
     ov.save_model(model, str(out), compress_to_fp16=False)
 
 
+def _check_onnx_can_read(model_dir: Path, rec: dict) -> None:
+    """onnx (1.23), which ort-static loads the graph with, refuses external data with more than one hard link
+    (its guard against hard-link attacks) — a model directory copied with ``cp -al`` — and would say so only
+    after the calibration runs: said here, before them."""
+    data = rec.get("external_data")
+    path = model_dir / data if data else None
+    if path is not None and path.is_file() and path.stat().st_nlink > 1:
+        raise QuantizeError(f"{path} has {path.stat().st_nlink} hard links, and onnx refuses to read external "
+                            "data through a hard-linked file; quantize a real copy of the model directory "
+                            "(`cp -r`, not `cp -al`), or use --method nncf")
+
+
 def quantize_model(model_dir: str | os.PathLike, method: str = "ort-static", prompts=None, num_prompts: int | None = None,
                    steps: int = 10, height: int | None = None, width: int | None = None, guidance: float | None = None,
                    seed: int = 0, log=print) -> dict:
@@ -167,6 +179,8 @@ def quantize_model(model_dir: str | os.PathLike, method: str = "ort-static", pro
     prompts = list(prompts or PROMPTS)[: num_prompts or None]
     if not prompts or steps < 1:
         raise QuantizeError("calibration needs at least one prompt and one step")
+    if method == "ort-static":
+        _check_onnx_can_read(model_dir, rec)
     samples = calibration_samples(model_dir, prompts, steps, height, width, guidance, seed, log)
     log(f"calibrating {method} on {len(samples)} UNet calls ({len(prompts)} prompts x {steps} steps)")
 

@@ -100,3 +100,23 @@ def test_bench_measures_reduced_precisions_by_psnr_not_the_parity_tolerance():
     assert cs["sdrt-openvino"]["image_matches"] is True and cs["sdrt-openvino"]["image_psnr_db"] > 90
     bf16 = cs["sdrt-openvino-bf16"]
     assert bf16["image_matches"] is None and abs(bf16["image_psnr_db"] - 40.0) < 0.01 and "PSNR 40.0 dB" in bf16["image_note"]
+
+
+def test_ort_static_quantize_refuses_hard_linked_external_data_before_calibrating(model_dir, tmp_path):
+    pytest.importorskip("onnx")
+    import os
+
+    from sdrt.export.quantize import QuantizeError, quantize_model
+
+    root = tmp_path / "sd1"
+    shutil.copytree(model_dir("sd1"), root, ignore=shutil.ignore_patterns("cache"))
+    manifest = json.loads((root / "sdrt.json").read_text())
+    data = root / "unet" / "model.onnx_data"  # as a model over 2 GB has it, linked in from a `cp -al` copy
+    data.write_bytes(b"\0" * 16)
+    os.link(data, tmp_path / "other-copy")
+    manifest["components"]["unet"]["external_data"] = "unet/model.onnx_data"
+    (root / "sdrt.json").write_text(json.dumps(manifest))
+    calls = []
+    with pytest.raises(QuantizeError, match=r"2 hard links.*cp -r.*--method nncf"):
+        quantize_model(root, num_prompts=1, steps=1, height=64, width=64, log=calls.append)
+    assert calls == []  # said before any calibration run
