@@ -242,3 +242,12 @@ def test_bf16_pipeline_runs_where_the_cpu_has_it(sd1_copy, ort_image):
     image = pipe("a red circle", **CALL).images
     assert pipe.engine("unet")._bf16_ir() is not None
     assert np.isfinite(image).all() and np.abs(image - ort_image).mean() <= 0.05  # bf16: near, not equal
+
+
+def test_ov_profile_splits_a_call_by_node_type_with_its_arithmetic_rate(sd1_copy):
+    from sdrt.benchmarks.ov_profile import profile
+
+    r = profile(str(sd1_copy), "unet", "fp32", 64, 64, runs=1)
+    assert r["inputs"]["sample"] == [2, 4, 8, 8] and len(r["runs_s"]) == 1
+    assert "Convolution" in r["by_type"] and r["profiled_s"] > 0
+    assert r["gflop"] > 0 and r["gflop_per_s"] > 0 and r["conv_gflop_per_s"] > 0

@@ -446,6 +446,14 @@ class OvEngine:
         result = request.infer(inputs)
         return {name: np.array(result[port]) for name, port in zip(self.output_names, compiled.outputs)}
 
+    def profiling_info(self) -> list[dict]:
+        """Per-node timings of the last call (node, OpenVINO node type, kernel, seconds) where the engine was
+        compiled with ``PERF_COUNT`` (``engine.config["PERF_COUNT"] = True`` before its first call); else []."""
+        if self._compiled is None:
+            return []
+        return [{"node": p.node_name, "type": p.node_type, "kernel": p.exec_type,
+                 "seconds": p.real_time.total_seconds()} for p in self._compiled[2].profiling_info]
+
     def close(self) -> None:
         self._compiled = None
         self.model = None
