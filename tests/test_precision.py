@@ -95,11 +95,13 @@ def test_bench_measures_reduced_precisions_by_psnr_not_the_parity_tolerance():
     assert {"sdrt-openvino", "sdrt-openvino-bf16", "sdrt-ort-cpu-int8", "optimum-intel"} <= set(parse_contenders(None, False))
     ref = np.full((1, 8, 8, 3), 0.5, np.float32)
     cs = {name: {"status": "ok", "precision": p, "image_array": ref + d}
-          for name, p, d in (("diffusers", "fp32", 0.0), ("sdrt-openvino", "fp32", 1e-5), ("sdrt-openvino-bf16", "bf16", 0.01))}
+          for name, p, d in (("diffusers", "fp32", 0.0), ("sdrt-openvino", "fp32", 1e-5), ("sdrt-openvino-bf16", "bf16", 0.01),
+                             ("optimum-intel", "bf16", 0.1))}
     _compare_images(cs, 2e-3)
     assert cs["sdrt-openvino"]["image_matches"] is True and cs["sdrt-openvino"]["image_psnr_db"] > 90
     bf16 = cs["sdrt-openvino-bf16"]
     assert bf16["image_matches"] is None and abs(bf16["image_psnr_db"] - 40.0) < 0.01 and "PSNR 40.0 dB" in bf16["image_note"]
+    assert "pipeline" not in bf16["image_note"] and "its own export" in cs["optimum-intel"]["image_note"]
 
 
 def test_ort_static_quantize_refuses_hard_linked_external_data_before_calibrating(model_dir, tmp_path):
