@@ -27,12 +27,17 @@ from sdrt.runtime.pipeline import Pipeline
 from .flops import graph_flops
 
 
-def feeds(record: dict, dims: dict) -> dict:
-    """Random inputs for the manifest record's inputs, its named dims fixed by ``dims``."""
+def input_shapes(record: dict, dims: dict) -> dict:
+    """The manifest record's input shapes, its named dims fixed by ``dims``."""
+    return {s["name"]: [d if isinstance(d, int) else dims[d] for d in s["shape"]] for s in record["inputs"]}
+
+
+def feeds(record: dict, shapes: dict) -> dict:
+    """Random inputs of these shapes for the manifest record's inputs."""
     rng = np.random.default_rng(0)
     out = {}
     for spec in record["inputs"]:
-        shape = [d if isinstance(d, int) else dims[d] for d in spec["shape"]]
+        shape = shapes[spec["name"]]
         if spec["dtype"].startswith("int"):
             x = np.ones(shape) if "mask" in spec["name"] else rng.integers(0, 49407, shape)
         elif spec["name"] == "timestep":
@@ -54,7 +59,8 @@ def profile(model: str, component: str, precision: str, height: int | None, widt
     engine = pipe.engine(component)
     engine = getattr(engine, "_engine", engine)  # an int8 UNet's, behind its LoRA guard
     engine.config["PERF_COUNT"] = True
-    x = feeds(record, dims)
+    shapes = input_shapes(record, dims)
+    x = feeds(record, shapes)
     engine(**x)
     times = []
     for _ in range(runs):
@@ -67,13 +73,12 @@ def profile(model: str, component: str, precision: str, height: int | None, widt
         by_type[n["type"]] += n["seconds"]
         by_kernel[f"{n['type']} / {n['kernel']}"] += n["seconds"]
         count[n["type"]] += 1
-    fl = graph_flops(Path(model) / record["file"], dims,
-                     {s["name"]: [d if isinstance(d, int) else dims[d] for d in s["shape"]] for s in record["inputs"]})
+    fl = graph_flops(Path(model) / record["file"], dims, shapes)
     median = statistics.median(times)
     conv_s = by_type.get("Convolution", 0.0)
     return {
         "model": model, "component": component, "precision": precision, "height": h, "width": w,
-        "inputs": {k: list(v.shape) for k, v in x.items()}, "runs_s": times, "median_s": median,
+        "inputs": shapes, "runs_s": times, "median_s": median,
         "gflop": fl.flops / 1e9, "gflop_per_s": fl.flops / 1e9 / median,
         "conv_gflop_per_s": (fl.by_op.get("Conv", 0) / 1e9 / conv_s) if conv_s else None,
         "profiled_s": sum(by_type.values()),
