@@ -167,6 +167,41 @@ def test_runtime_sources_never_import_heavy_dependencies():
                 assert n.split(".")[0] not in ("torch", "diffusers", "transformers") and not n.startswith("sdrt.export"), (path, n)
 
 
+def test_engines_open_side_by_side_and_a_failure_closes_those_that_opened():
+    import threading
+
+    from sdrt.runtime.backends import open_all
+
+    barrier = threading.Barrier(3, timeout=30)  # passes only if all three openers run at once
+
+    class Fake:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    def opener(fail=False):
+        def run():
+            barrier.wait()
+            if fail:
+                raise RuntimeError("unet failed")
+            return Fake()
+        return run
+
+    opened = open_all({"text_encoder": opener(), "unet": opener(), "vae_decoder": opener()})
+    assert list(opened) == ["text_encoder", "unet", "vae_decoder"] and not any(e.closed for e in opened.values())
+
+    barrier.reset()
+    made = []
+
+    def kept(run):
+        return lambda: made.append(run()) or made[-1]
+
+    with pytest.raises(RuntimeError, match="unet failed"):
+        open_all({"text_encoder": kept(opener()), "unet": opener(fail=True), "vae_decoder": kept(opener())})
+    assert len(made) == 2 and all(e.closed for e in made)
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 

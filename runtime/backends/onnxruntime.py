@@ -10,6 +10,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +85,18 @@ def _array(name: str, value) -> np.ndarray:
     return np.ascontiguousarray(value() if callable(value) else value)
 
 
-@functools.lru_cache(maxsize=None)
+_ARENA_LOCK = threading.Lock()
+
+
 def _shared_cpu_arena(ort) -> bool:
     """One CPU memory arena for every sdrt session in the process (registered once with ONNX Runtime's
-    environment), growing by what is asked (kSameAsRequested)."""
+    environment), growing by what is asked (kSameAsRequested). Locked: engines open on several threads."""
+    with _ARENA_LOCK:
+        return _register_arena(ort)
+
+
+@functools.lru_cache(maxsize=None)
+def _register_arena(ort) -> bool:
     try:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
         ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
