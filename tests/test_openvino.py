@@ -139,6 +139,49 @@ def test_compiled_models_are_cached_weightless_and_imported_without_the_weights_
     assert third.from_cache is False and blob.stat().st_size > len(b"damaged")
 
 
+def test_the_shape_last_compiled_is_imported_in_the_background_by_the_next_engine(sd1_copy, monkeypatch):
+    """An engine made after a shape was compiled imports it in a thread while nothing waits for it; the first
+    call at that shape takes it (compiling nothing), a call at another shape drops it and compiles its own
+    (remembered next); a damaged memo, set_weights or close leave nothing behind."""
+    rec = json.loads((sd1_copy / "sdrt.json").read_text())["components"]["unet"]
+    feeds = _unet_feeds(rec)
+    expected = OrtEngine("unet", sd1_copy, rec, cache=False)(**feeds)["out_sample"]
+    shutil.rmtree(sd1_copy / "cache", ignore_errors=True)
+    first = OvEngine("unet", sd1_copy, rec)
+    assert first._prefetch is None  # nothing compiled yet
+    first(**feeds)
+    assert first.cache == "filled"
+    (memo,) = (sd1_copy / "cache").glob("unet-openvino-*/shape.json")
+    assert json.loads(memo.read_text()) == [[n, list(x.shape)] for n, x in feeds.items()]
+
+    second = OvEngine("unet", sd1_copy, rec)
+    assert second._prefetch is not None
+    monkeypatch.setattr(second.core, "compile_model", None, raising=False)  # taken, not compiled
+    assert np.abs(second(**feeds)["out_sample"] - expected).max() <= 1e-4
+    assert second._prefetch is None and second.from_cache is True and second.cache == "hit"
+    monkeypatch.undo()
+
+    other = {**feeds, "sample": feeds["sample"][:, :, :4, :4]}
+    third = OvEngine("unet", sd1_copy, rec)
+    want = OrtEngine("unet", sd1_copy, rec, cache=False)(**other)["out_sample"]
+    assert np.abs(third(**other)["out_sample"] - want).max() <= 1e-4
+    assert third._compiled[0] == tuple((n, x.shape) for n, x in other.items()) and third.from_cache is False
+    assert json.loads(memo.read_text())[0] == ["sample", [2, 4, 4, 4]]
+
+    fourth = OvEngine("unet", sd1_copy, rec)
+    assert fourth._prefetch is not None
+    fourth.set_weights({})  # weights set: the prefetched model (the exported weights) is dropped
+    assert fourth._prefetch is None and fourth._compiled is None
+    fifth = OvEngine("unet", sd1_copy, rec)
+    fifth.close()
+    assert fifth._prefetch is None
+
+    memo.write_text("{damaged")
+    sixth = OvEngine("unet", sd1_copy, rec)
+    assert sixth._prefetch is None
+    assert np.abs(sixth(**other)["out_sample"] - want).max() <= 1e-4 and sixth.from_cache is True
+
+
 def test_dropped_pages_are_only_those_of_the_named_files_read_only_mappings(tmp_path):
     """_DroppedPages unmaps pages of read-only mappings of the files it is given, nothing else: a file mapped
     copy-on-write keeps the bytes written to it, and a mapping dropped reads its file's bytes again."""

@@ -22,6 +22,11 @@ OpenVINO's ONNX frontend (external data beside them), compiled for the CPU plugi
   it decompresses with f32 activations, which halves bf16's error against fp32 (the default model's UNet: rms
   0.011 -> 0.006) and costs 6% of a UNet step (sd1-full, 256x256: 941 -> 1003 ms). The denoisers only (UNet,
   ControlNets).
+- The first call's wait: each component remembers the shape it last compiled (``shape.json`` in its cache
+  folder), and an engine made afterwards imports that shape's cached model in a thread of its own
+  (``_Prefetch``) while the pipeline goes on (the other engines opening, the text encoder running); the first
+  call at that shape takes it, another shape drops it and compiles its own. sd1-full's fp32 UNet import
+  (5-11 s on 2 cores) then overlaps the text encoder's and the VAE decoder's instead of following them.
 - ``set_weights`` (LoRA): the graph is read again and the named initializers (OpenVINO Constants keep
   their ONNX names) are replaced before compiling; every other weight takes its exported value.
 """
@@ -187,11 +192,43 @@ def _bf16_weights_ir(core, model, xml: Path, weights_file: Path | None = None) -
                 f.unlink(missing_ok=True)
 
 
+class _Prefetch:
+    """A compiled model imported from the cache in a thread of its own: ``take(signature)`` waits for it and
+    returns (signature, compiled, request) where it is for ``signature``, else None (it is dropped: one
+    compiled shape at a time). Any failure leaves None: the call compiles as if nothing was prefetched."""
+
+    def __init__(self, signature: tuple, load):
+        import threading
+
+        self.signature, self._result = signature, None
+
+        def run():
+            try:
+                compiled = load()
+                if compiled is not None:
+                    self._result = (signature, compiled, compiled.create_infer_request())
+            except Exception:  # noqa: BLE001 - the call compiles instead, and reports any real error itself
+                self._result = None
+
+        # not a daemon: a process that exits mid-import waits for it rather than tearing OpenVINO down under it
+        self._thread = threading.Thread(target=run, name="sdrt-ov-prefetch")
+        self._thread.start()
+
+    def take(self, signature: tuple | None = None):
+        self._thread.join()
+        result, self._result = self._result, None
+        return result if result is not None and result[0] == signature else None
+
+
+def _signature_json(signature: tuple) -> list:
+    return [[name, list(shape)] for name, shape in signature]
+
+
 class OvEngine:
     """One ONNX graph compiled by OpenVINO for the CPU."""
 
     def __init__(self, name: str, model_dir: Path, record: dict, threads: int | None = None, precision: str = "fp32",
-                 cache: bool = True, weights: dict | None = None, static_shapes: bool = True):
+                 cache: bool = True, weights: dict | None = None, static_shapes: bool = True, prefetch: bool = True):
         ov = _import_openvino()
         self.name, self.model_dir, self.record = name, Path(model_dir), record
         self.path = self.model_dir / record["file"]
@@ -209,9 +246,12 @@ class OvEngine:
         self.weights: dict = dict(weights or {})
         self._compiled = None  # (shape signature, compiled model, infer request)
         self.from_cache = None  # whether the compiled model in use was imported from the cache
+        self.cache = ""  # what the compiled model in use came from: "hit" (the cache), "filled" (compiled and
+        # cached), "none" (compiled, not cacheable); "" before the first call
         self.model = self._read()
         self.input_names = [self._port_name(p, record["inputs"]) for p in self.model.inputs]
         self.output_names = [self._port_name(p, record["outputs"]) for p in self.model.outputs]
+        self._prefetch = self._start_prefetch() if prefetch else None
 
     @staticmethod
     def _port_name(port, specs: list) -> str:
@@ -345,11 +385,49 @@ class OvEngine:
         making them) instead of the exported ones; every other weight takes its exported value. The graph is
         read again with them and compiled on the next call (without the disk cache: it is keyed by the
         exported weights)."""
+        self._take_prefetched()  # compiled from the exported weights: not these
         self.weights = dict(weights)
         self._compiled = None
         self.model = None
         release_memory()
         self.model = self._read()
+
+    def _shape_memo(self) -> Path | None:
+        return None if self.cache_dir is None or self.weights or not self.static_shapes else self.cache_dir / "shape.json"
+
+    def _start_prefetch(self) -> _Prefetch | None:
+        """Import the shape this component last compiled, in a thread, where its cached model is there."""
+        import json
+
+        memo = self._shape_memo()
+        try:
+            signature = tuple((n, tuple(int(d) for d in shape)) for n, shape in json.loads(memo.read_text()))
+        except (AttributeError, OSError, ValueError, TypeError):
+            return None  # no memo (none written yet, no cache, set_weights' weights) or a damaged one
+        blob = self._blob(signature)
+        if blob is None or not blob.is_file():
+            return None
+        return _Prefetch(signature, lambda: self._import(blob))
+
+    def _take_prefetched(self, signature: tuple | None = None):
+        prefetch, self._prefetch = self._prefetch, None
+        return prefetch.take(signature) if prefetch is not None else None
+
+    def _remember(self, signature: tuple) -> None:
+        """Write the shape just compiled as the one to prefetch next time (where it is not already)."""
+        import json
+
+        from ..files import write_json_atomic
+
+        memo = self._shape_memo()
+        if memo is None:
+            return
+        try:
+            if memo.is_file() and json.loads(memo.read_text()) == _signature_json(signature):
+                return
+            write_json_atomic(memo, _signature_json(signature))
+        except (OSError, ValueError):
+            pass  # a cache that cannot take it: nothing prefetched next time
 
     def _blob(self, signature: tuple) -> Path | None:
         """Where the compiled model for ``signature`` is cached, or None: no writable cache, or set_weights'
@@ -370,13 +448,12 @@ class OvEngine:
         the weights it repacks (sd1-full's fp32 UNet: 4.5 s, against 7-13 s to compile)."""
         blob = self._blob(signature)
         compiled = self._import(blob) if blob is not None and blob.is_file() else None
-        self.from_cache = compiled is not None
+        self.from_cache, self.cache = compiled is not None, "hit"
         if compiled is None:
             if self.model is None:
                 self.model = self._read()
             compiled, cacheable = self._compile_graph(signature, cache=blob is not None)
-            if cacheable:
-                self._save(compiled, blob)
+            self.cache = "filled" if cacheable and self._save(compiled, blob) else "none"
         return compiled, compiled.create_infer_request()
 
     def _compile_graph(self, signature: tuple, cache: bool):
@@ -420,24 +497,31 @@ class OvEngine:
             return None
 
     @staticmethod
-    def _save(compiled, blob: Path) -> None:
+    def _save(compiled, blob: Path) -> bool:
         from ..files import write_atomic
 
         try:
             blob.parent.mkdir(parents=True, exist_ok=True)
             data = compiled.export_model()
             write_atomic(blob, lambda f: f.write(data.getvalue() if hasattr(data, "getvalue") else data))
+            return True
         except (OSError, RuntimeError):
-            pass  # a cache that cannot take it: compiled again next time
+            return False  # a cache that cannot take it: compiled again next time
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         # only what the graph takes (OpenVINO drops an input no output depends on; ONNX Runtime ignores it)
         inputs = {n: np.ascontiguousarray(inputs[n]) for n in self.input_names if n in inputs}
         signature = tuple((n, x.shape) for n, x in inputs.items())
+        if self._prefetch is not None:
+            self._compiled = self._take_prefetched(signature)  # a shape memo is kept for static shapes only
+            if self._compiled is not None:
+                self.from_cache, self.cache = True, "hit"
         if self._compiled is None or (self.static_shapes and self._compiled[0] != signature):
             self._compiled = None  # one compiled shape at a time: each holds its own copy of the weights
             release_memory()
             self._compiled = (signature, *self._compile(signature))
+            self._remember(signature)
+        if self.model is not None:
             # the compiled model holds its own (repacked) weights: the graph read from disk is dropped (read
             # again, 0.4 s for SD 1.5's UNet, when another shape comes), so its pages leave this process's RSS
             self.model = None
@@ -455,6 +539,7 @@ class OvEngine:
                  "seconds": p.real_time.total_seconds()} for p in self._compiled[2].profiling_info]
 
     def close(self) -> None:
+        self._take_prefetched()
         self._compiled = None
         self.model = None
         release_memory()
