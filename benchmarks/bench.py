@@ -9,7 +9,8 @@ Every contender runs in its own process (``python -m sdrt.benchmarks.worker``), 
 on the same initial latents (drawn here with numpy from --seed), prompt and settings: warm-up runs, then timed
 runs. Reported per contender: end-to-end latency (median, p90, min), per-stage latency (text encoder, UNet per
 step, VAE decode), cold start (from just before the process is spawned to its first image, with the files it
-reads already in the page cache, as a second launch finds them: ``--page-cache as-is`` to time the disk too),
+reads already in the page cache and an sdrt contender's engine caches already filled, as a second launch finds
+them: ``--page-cache as-is`` to time the disk too, ``--engine-cache as-is`` to time the filling),
 peak host RSS, peak GPU memory (NVML), and the max abs pixel difference of its image against diffusers'. A
 contender whose image differs by more than the tolerance is flagged and not ranked. The UNet's FLOPs are counted
 from the ONNX graph and set against this machine's measured matmul throughput (the roofline).
@@ -100,6 +101,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="warm (default): read each contender's files (its model or checkpoint, the packages it imports) "
                         "just before it starts, so that every cold start finds them in the page cache; as-is: leave the "
                         "page cache as the previous contenders left it (cold starts then include disk reads)")
+    p.add_argument("--engine-cache", choices=("warm", "as-is"), default="warm",
+                   help="warm (default): before each sdrt contender, one short run of it (1 step, the same size) fills "
+                        "its engine caches where they are missing (ONNX Runtime's optimized graphs, OpenVINO's compiled "
+                        "models), so its cold start is a second launch's; as-is: its first process fills them, and its "
+                        "cold start includes that")
     p.add_argument("--timeout", type=float, help="seconds a contender may take before it is stopped and reported failed")
     p.add_argument("--json", help="write the full report as JSON here")
     p.add_argument("--out", help="folder for the markdown report (bench.md) and the chart (bench.png)")
@@ -120,7 +126,7 @@ def settings_from_args(args) -> dict:
     s = {k: (getattr(args, k) if getattr(args, k, None) is not None else base.get(k)) for k in DEFAULTS}
     s.update(prompt=args.prompt, negative_prompt=args.negative_prompt, threads=args.threads,
              diffusers_device=args.diffusers_device, tolerance=args.tolerance, workload=args.workload,
-             page_cache=getattr(args, "page_cache", "warm"))
+             page_cache=getattr(args, "page_cache", "warm"), engine_cache=getattr(args, "engine_cache", "warm"))
     for k in ("steps", "batch", "runs"):
         if s[k] < 1:
             raise BenchError(f"--{k} must be at least 1, got {s[k]}")
@@ -352,6 +358,29 @@ def warm_page_cache(paths, chunk: int = 16 << 20) -> dict:
     return {"files": files, "mib": size / 2**20, "seconds": time.perf_counter() - t0}
 
 
+def fill_engine_caches(spec: dict, work: Path, timeout: float | None, log) -> dict | None:
+    """Run the sdrt contender of ``spec`` once, for one step at its size, in a process of its own: it fills the
+    engine caches that are missing (an OpenVINO model is compiled per shape), so that the timed process's cold
+    start is a second launch's. {"engine_cache": {component: state}, "seconds": s}, None where it failed (the
+    timed process then reports why)."""
+    prep = dict(spec, contender=f"{spec['contender']}.prepare", steps=1, warmup=0, runs=1,
+                image_out=str(work / f"{spec['contender']}.prepare.npy"),
+                result_out=str(work / f"{spec['contender']}.prepare.json"))
+    t0 = time.perf_counter()
+    res = run_worker(prep, work, timeout, log)
+    if res.get("status") != "ok":
+        return None
+    return {"engine_cache": res.get("engine_cache") or {}, "seconds": time.perf_counter() - t0}
+
+
+def _states(states: dict) -> str:
+    """{component: cache state} as "filled: unet, vae_decoder; hit: text_encoder"."""
+    by: dict = {}
+    for component, state in states.items():
+        by.setdefault(state, []).append(component)
+    return "; ".join(f"{state}: {', '.join(names)}" for state, names in sorted(by.items())) or "none kept"
+
+
 def run_worker(spec: dict, work: Path, timeout: float | None, log, python: str | None = None) -> dict:
     """Spawn the worker for ``spec``; returns its result with cold_start_s (spawn to first image) added.
     ``python``: another interpreter (a contender's own virtual environment), which runs worker.py by path."""
@@ -528,6 +557,11 @@ def run(args, log=None) -> dict:
                     from sdrt.runtime.schedulers import diffusers_equivalent
 
                     spec["diffusers_scheduler"] = list(diffusers_equivalent(settings["scheduler"]))
+            if kind == "sdrt" and settings["engine_cache"] == "warm":
+                prepared = fill_engine_caches(spec, work, args.timeout, log)
+                if prepared is not None:
+                    log(f"{name}: engine caches before its cold start: {_states(prepared['engine_cache'])} (a 1-step "
+                        f"run, {prepared['seconds']:.1f} s)")
             warmed = None
             if settings["page_cache"] == "warm":
                 warmed = warm_page_cache(contender_files(spec, python))

@@ -128,7 +128,8 @@ def markdown(report: dict) -> str:
         f"- {s['height']}x{s['width']}, {s['steps']} steps, scheduler {s['scheduler'] or 'checkpoint default'}, "
         f"guidance {s['guidance']}, batch {s['batch']}, seed {s['seed']}; {s['warmup']} warm-up + {s['runs']} timed runs "
         f"per contender, each in its own process, same initial latents; page cache "
-        f"{'warmed before each contender (its files read once)' if s.get('page_cache', 'warm') == 'warm' else 'as the previous contenders left it'}",
+        f"{'warmed before each contender (its files read once)' if s.get('page_cache', 'warm') == 'warm' else 'as the previous contenders left it'}; "
+        f"sdrt's engine caches {'filled before its cold start' if s.get('engine_cache', 'warm') == 'warm' else 'as found'}",
         f"- machine: {m['cpu_model']}, {m['cpu_physical_cores']} physical / {m['cpu_logical_cores']} logical cores"
         f"{', GPU ' + m['gpu'] if m.get('gpu') else ', no GPU'}; threads: {s.get('threads') or 'library default'}",
         f"- CPU ISA: {isa_text(m.get('cpu_isa'))}",
@@ -164,6 +165,9 @@ def markdown(report: dict) -> str:
     notes = [(n, r["image_note"]) for n, r in report["contenders"].items() if r.get("image_note")]
     notes += [(n, f"the sdrt worker imported {', '.join(r['forbidden_modules_loaded'])} (it must stay torch-free)")
               for n, r in report["contenders"].items() if r.get("kind") == "sdrt" and r.get("forbidden_modules_loaded")]
+    notes += [(n, "its cold start filled engine caches (" + ", ".join(c for c, st in r["engine_cache"].items()
+                                                                   if st == "filled") + "): a first launch's, not a second's")
+              for n, r in report["contenders"].items() if "filled" in (r.get("engine_cache") or {}).values()]
     if notes:
         out += ["", "Checks:", ""] + [f"- {n}: {note}" for n, note in notes]
     if report.get("ratios"):

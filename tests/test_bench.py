@@ -199,8 +199,14 @@ def test_bench_report_structure(bench_report):
         assert warmed["files"] > 0 and warmed["mib"] > 0
     assert cs["diffusers"]["page_cache_warmed"]["mib"] > cs["sdrt-ort-cpu"]["page_cache_warmed"]["mib"]  # torch
 
+    # and its engine caches filled by a 1-step run before it (ONNX Runtime's optimized graphs: all hits)
+    assert s["engine_cache"] == "warm"
+    assert set(cs["sdrt-ort-cpu"]["engine_cache"]) >= {"text_encoder", "unet", "vae_decoder"}
+    assert set(cs["sdrt-ort-cpu"]["engine_cache"].values()) == {"hit"}
+
     md = (out / "report" / "bench.md").read_text()
-    assert "page cache warmed before each contender" in md
+    assert "page cache warmed before each contender" in md and "engine caches filled before its cold start" in md
+    assert "its cold start filled engine caches" not in md
     assert "| sdrt-ort-cpu |" in md and "| diffusers |" in md and "sdrt-tensorrt" in md and "Roofline" in md
     png = (out / "report" / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -218,6 +224,24 @@ def test_contender_names_and_workload_defaults():
         256, 256, "dpm++2m", 10, 7.5, 1, 5, 1)
     s = settings_from_args(build_parser().parse_args(["--workload", "sd1"]))
     assert (s["height"], s["steps"], s["runs"], s["warmup"]) == (64, 4, 2, 1)
+
+
+def test_engine_cache_states_read_through_wrappers_and_summarize():
+    from sdrt.benchmarks.bench import _states
+    from sdrt.runtime.backends import LazyEngine, cache_states
+    from sdrt.runtime.precision import FixedWeights
+
+    class Fake:
+        def __init__(self, name, cache):
+            self.name, self.cache_state = name, cache
+
+    opened = LazyEngine("vae_decoder", lambda weights: Fake("vae_decoder", "filled"))
+    opened._get()
+    engines = {"unet": FixedWeights(Fake("unet", "hit")), "text_encoder": Fake("text_encoder", "hit"),
+               "vae_decoder": opened, "vae_encoder": LazyEngine("vae_encoder", None), "trt": object()}
+    states = cache_states(engines)
+    assert states == {"unet": "hit", "text_encoder": "hit", "vae_decoder": "filled"}  # unopened, cacheless: left out
+    assert _states(states) == "filled: vae_decoder; hit: unet, text_encoder" and _states({}) == "none kept"
 
 
 def test_mismatched_image_is_flagged_and_not_ranked():

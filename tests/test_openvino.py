@@ -150,7 +150,7 @@ def test_the_shape_last_compiled_is_imported_in_the_background_by_the_next_engin
     first = OvEngine("unet", sd1_copy, rec)
     assert first._prefetch is None  # nothing compiled yet
     first(**feeds)
-    assert first.cache == "filled"
+    assert first.cache_state == "filled"
     (memo,) = (sd1_copy / "cache").glob("unet-openvino-*/shape.json")
     assert json.loads(memo.read_text()) == [[n, list(x.shape)] for n, x in feeds.items()]
 
@@ -158,7 +158,7 @@ def test_the_shape_last_compiled_is_imported_in_the_background_by_the_next_engin
     assert second._prefetch is not None
     monkeypatch.setattr(second.core, "compile_model", None, raising=False)  # taken, not compiled
     assert np.abs(second(**feeds)["out_sample"] - expected).max() <= 1e-4
-    assert second._prefetch is None and second.from_cache is True and second.cache == "hit"
+    assert second._prefetch is None and second.from_cache is True and second.cache_state == "hit"
     monkeypatch.undo()
 
     other = {**feeds, "sample": feeds["sample"][:, :, :4, :4]}

@@ -134,6 +134,19 @@ def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = 
     return kind, {**open_all(now), **engines}
 
 
+def cache_states(engines: dict) -> dict[str, str]:
+    """{component: its engine's cache state (base.Engine.cache_state)} for the engines opened that keep one (a
+    lazy engine not yet opened, or an engine without a cache, is left out)."""
+    states = {}
+    for name, engine in engines.items():
+        while getattr(engine, "_engine", None) is not None:  # LazyEngine, precision.FixedWeights
+            engine = engine._engine
+        state = getattr(engine, "cache_state", None)
+        if isinstance(state, str) and state:
+            states[name] = state
+    return states
+
+
 def open_all(openers: dict) -> dict:
     """{name: opener()} with the openers run side by side: ONNX Runtime and OpenVINO let go of the GIL while
     they make a session (reading the graph, laying out and packing its weights), so the text encoder and the
@@ -156,4 +169,5 @@ def open_all(openers: dict) -> dict:
     return opened
 
 
-__all__ = ["BACKENDS", "BackendUnavailable", "Engine", "LazyEngine", "open_all", "resolve_backend", "select"]
+__all__ = ["BACKENDS", "BackendUnavailable", "Engine", "LazyEngine", "cache_states", "open_all", "resolve_backend",
+           "select"]

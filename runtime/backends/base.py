@@ -17,6 +17,10 @@ class Engine(Protocol):
     name: str
     input_names: list[str]
     output_names: list[str]
+    # where the engine keeps a cache of its own (ONNX Runtime's optimized graphs, OpenVINO's compiled models):
+    # "hit" (what runs came from it), "filled" (made now and written to it), "none" (not cacheable), "" (not
+    # made yet); an engine without one need not have the attribute
+    cache_state: str
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]: ...
 

@@ -194,6 +194,7 @@ class OrtEngine:
         self.weights: dict = dict(weights or {})  # what set_weights was given (arrays or makers of them)
         self._shared: _Shared | None = None  # the set_weights arrays a cached-graph session reads by address
         self.source = ""  # what the session was made from: "cache" (optimized graph) or "graph" (the export's)
+        self.cache_state = ""  # "hit" (made from the cache), "filled" (optimized and cached now), "none" (no cache used)
         self.session = self._load()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -266,7 +267,7 @@ class OrtEngine:
             session = self._open_cached(ort) if self.cache else None
             if session is None:
                 session = self._session(ort, self.path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, self.weights)
-                self.source = "graph"
+                self.source, self.cache_state = "graph", "none"
         except (state.InvalidProtobuf, state.InvalidGraph, state.InvalidArgument, state.Fail) as e:
             if self.weights:
                 raise  # weights given by set_weights that the graph refuses: not the file's fault
@@ -311,7 +312,7 @@ class OrtEngine:
             try:
                 session = self._session(ort, cached, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, overrides,
                                         prepacked=prepacked)
-                self.source = "cache"
+                self.source, self.cache_state = "cache", "hit"
                 return session
             except Exception:
                 if self.weights:
@@ -334,7 +335,7 @@ class OrtEngine:
             os.replace(tmp, entry)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another process filled the cache first
-        self.source = "graph"
+        self.source, self.cache_state = "graph", "filled"
         return session
 
     def _relaid(self, entry: Path) -> dict:

@@ -246,7 +246,7 @@ class OvEngine:
         self.weights: dict = dict(weights or {})
         self._compiled = None  # (shape signature, compiled model, infer request)
         self.from_cache = None  # whether the compiled model in use was imported from the cache
-        self.cache = ""  # what the compiled model in use came from: "hit" (the cache), "filled" (compiled and
+        self.cache_state = ""  # what the compiled model in use came from: "hit" (the cache), "filled" (compiled and
         # cached), "none" (compiled, not cacheable); "" before the first call
         self.model = self._read()
         self.input_names = [self._port_name(p, record["inputs"]) for p in self.model.inputs]
@@ -448,12 +448,12 @@ class OvEngine:
         the weights it repacks (sd1-full's fp32 UNet: 4.5 s, against 7-13 s to compile)."""
         blob = self._blob(signature)
         compiled = self._import(blob) if blob is not None and blob.is_file() else None
-        self.from_cache, self.cache = compiled is not None, "hit"
+        self.from_cache, self.cache_state = compiled is not None, "hit"
         if compiled is None:
             if self.model is None:
                 self.model = self._read()
             compiled, cacheable = self._compile_graph(signature, cache=blob is not None)
-            self.cache = "filled" if cacheable and self._save(compiled, blob) else "none"
+            self.cache_state = "filled" if cacheable and self._save(compiled, blob) else "none"
         return compiled, compiled.create_infer_request()
 
     def _compile_graph(self, signature: tuple, cache: bool):
@@ -515,7 +515,7 @@ class OvEngine:
         if self._prefetch is not None:
             self._compiled = self._take_prefetched(signature)  # a shape memo is kept for static shapes only
             if self._compiled is not None:
-                self.from_cache, self.cache = True, "hit"
+                self.from_cache, self.cache_state = True, "hit"
         if self._compiled is None or (self.static_shapes and self._compiled[0] != signature):
             self._compiled = None  # one compiled shape at a time: each holds its own copy of the weights
             release_memory()
