@@ -193,12 +193,16 @@ class OrtEngine:
         )
         self.weights: dict = dict(weights or {})  # what set_weights was given (arrays or makers of them)
         self._shared: _Shared | None = None  # the set_weights arrays a cached-graph session reads by address
-        self.source = ""  # what the session was made from: "cache" (optimized graph) or "graph" (the export's)
         self.cache_state = ""  # "hit" (made from the cache), "filled" (optimized and cached now), "none" (no cache used)
         self.session = self._load()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._on_device: dict[str, tuple[np.ndarray, object]] = {}
+
+    @property
+    def source(self) -> str:
+        """What the session was made from: "cache" (the optimized graph) or "graph" (the export's)."""
+        return "cache" if self.cache_state == "hit" else "graph" if self.cache_state else ""
 
     def set_weights(self, weights: dict) -> None:
         """Run with these initializers (the graph's own names -> arrays of its shape and dtype, or functions
@@ -267,7 +271,7 @@ class OrtEngine:
             session = self._open_cached(ort) if self.cache else None
             if session is None:
                 session = self._session(ort, self.path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, self.weights)
-                self.source, self.cache_state = "graph", "none"
+                self.cache_state = "none"
         except (state.InvalidProtobuf, state.InvalidGraph, state.InvalidArgument, state.Fail) as e:
             if self.weights:
                 raise  # weights given by set_weights that the graph refuses: not the file's fault
@@ -312,7 +316,7 @@ class OrtEngine:
             try:
                 session = self._session(ort, cached, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, overrides,
                                         prepacked=prepacked)
-                self.source, self.cache_state = "cache", "hit"
+                self.cache_state = "hit"
                 return session
             except Exception:
                 if self.weights:
@@ -335,7 +339,7 @@ class OrtEngine:
             os.replace(tmp, entry)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another process filled the cache first
-        self.source, self.cache_state = "graph", "filled"
+        self.cache_state = "filled"
         return session
 
     def _relaid(self, entry: Path) -> dict:

@@ -200,7 +200,7 @@ class _Prefetch:
     def __init__(self, signature: tuple, load):
         import threading
 
-        self.signature, self._result = signature, None
+        self._result = None
 
         def run():
             try:
@@ -245,13 +245,17 @@ class OvEngine:
         self.cache_dir = self._cache_dir(ov) if cache else None
         self.weights: dict = dict(weights or {})
         self._compiled = None  # (shape signature, compiled model, infer request)
-        self.from_cache = None  # whether the compiled model in use was imported from the cache
         self.cache_state = ""  # what the compiled model in use came from: "hit" (the cache), "filled" (compiled and
         # cached), "none" (compiled, not cacheable); "" before the first call
         self.model = self._read()
         self.input_names = [self._port_name(p, record["inputs"]) for p in self.model.inputs]
         self.output_names = [self._port_name(p, record["outputs"]) for p in self.model.outputs]
         self._prefetch = self._start_prefetch() if prefetch else None
+
+    @property
+    def from_cache(self) -> bool | None:
+        """Whether the compiled model in use was imported from the cache; None before the first call."""
+        return self.cache_state == "hit" if self.cache_state else None
 
     @staticmethod
     def _port_name(port, specs: list) -> str:
@@ -448,7 +452,7 @@ class OvEngine:
         the weights it repacks (sd1-full's fp32 UNet: 4.5 s, against 7-13 s to compile)."""
         blob = self._blob(signature)
         compiled = self._import(blob) if blob is not None and blob.is_file() else None
-        self.from_cache, self.cache_state = compiled is not None, "hit"
+        self.cache_state = "hit"
         if compiled is None:
             if self.model is None:
                 self.model = self._read()
@@ -515,7 +519,7 @@ class OvEngine:
         if self._prefetch is not None:
             self._compiled = self._take_prefetched(signature)  # a shape memo is kept for static shapes only
             if self._compiled is not None:
-                self.from_cache, self.cache_state = True, "hit"
+                self.cache_state = "hit"
         if self._compiled is None or (self.static_shapes and self._compiled[0] != signature):
             self._compiled = None  # one compiled shape at a time: each holds its own copy of the weights
             release_memory()
