@@ -67,6 +67,7 @@ def test_nncf_hybrid_quantize_runs_on_openvino_and_ort_says_it_cannot(model_dir,
     assert psnr(out.images, fp32) > 25
     with pytest.raises(ModelDirError, match="OpenVINO IR.*--backend openvino"):
         Pipeline.load(root, backend="ort-cpu", precision="int8")
+    assert Pipeline.load(root, precision="int8").backend == "openvino"  # auto: the backend that runs it
 
 
 def test_bf16_on_openvino_is_close_to_fp32(model_dir, fp32):

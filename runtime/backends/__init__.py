@@ -79,11 +79,29 @@ def resolve_backend(name: str, model_dir: Path | None = None, manifest: dict | N
     return name
 
 
+def auto_cpu_backend(precision: str, manifest: dict, flags: set[str] | None = None) -> str:
+    """The backend ``auto`` picks for a reduced precision, which runs on the CPU only: the one measured faster
+    (``sdrt bench``, sd1-full at 256x256). bf16: OpenVINO, the only one with bf16 kernels. int8: OpenVINO for
+    an OpenVINO IR (``sdrt quantize --method nncf``), and for a QDQ graph where the CPU has VNNI (AVX-512: 779
+    against 1022 ms a UNet step, and its VAE in bf16); ONNX Runtime on a CPU without VNNI (AVX2: 1.40 against
+    1.79 s), or where OpenVINO is not installed."""
+    from ..precision import isa
+
+    if precision == "bf16":
+        return "openvino"
+    variant = (manifest.get("components", {}).get("unet", {}).get("variants") or {}).get(precision) or {}
+    if variant.get("format") == "openvino":
+        return "openvino"
+    from .openvino import openvino_available
+
+    return "openvino" if isa(flags)["vnni"] and openvino_available() else "ort-cpu"
+
+
 def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = None,
            low_memory: bool = False, cuda_graph: bool = False, precision: str = "fp32") -> tuple[str, dict]:
     """(resolved backend name, {component: Engine}) for every component in the manifest.
     ``precision``: fp32, bf16 or int8 (runtime/precision.py), refused in one line where the backend or this
-    CPU cannot run it fast; ``auto`` with bf16 picks OpenVINO.
+    CPU cannot run it fast; ``auto`` with bf16 or int8 picks a CPU backend (auto_cpu_backend).
     What only some tasks need (the VAE encoder) opens on first use (engines.opens_lazily);
     ``low_memory`` opens every engine lazily (the pipeline closes each after its stage).
     ``cuda_graph`` (TensorRT): capture the UNet call once and replay it each step."""
@@ -92,8 +110,8 @@ def select(backend: str, model_dir: Path, manifest: dict, threads: int | None = 
 
     from ..precision import FixedWeights, check, component_records
 
-    if _ALIASES.get(backend, backend) == "auto" and precision == "bf16":
-        backend = "openvino"
+    if _ALIASES.get(backend, backend) == "auto" and precision != "fp32":
+        backend = auto_cpu_backend(precision, manifest)
     kind = resolve_backend(backend, model_dir, manifest)
     check(kind, precision)
     if kind == "tensorrt":
