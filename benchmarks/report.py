@@ -15,8 +15,15 @@ def _ok(res: dict) -> bool:
     return res.get("status") == "ok"
 
 
+def time_to_ready(res: dict):
+    """Seconds from process start to a loaded pipeline: the imports, then ``Pipeline.load`` (diffusers:
+    ``from_pretrained``); what engines compile or import at their first call is in the cold start instead."""
+    parts = (res.get("import_s"), res.get("load_s"))
+    return None if None in parts else sum(parts)
+
+
 def ratios(report: dict) -> dict:
-    """{sdrt contender: {end_to_end, unet_step, peak_rss, cold_start}} as sdrt / diffusers (below 1: sdrt
+    """{sdrt contender: {end_to_end, unet_step, peak_rss, cold_start, time_to_ready}} as sdrt / diffusers (below 1: sdrt
     is faster or smaller). Only where both ran."""
     from .stats import ratio
 
@@ -33,6 +40,7 @@ def ratios(report: dict) -> dict:
             "unet_step": ratio(_med(res, "unet_step"), _med(ref, "unet_step")),
             "peak_rss": ratio(res.get("peak_rss_bytes"), ref.get("peak_rss_bytes")),
             "cold_start": ratio(res.get("cold_start_s"), ref.get("cold_start_s")),
+            "time_to_ready": ratio(time_to_ready(res), time_to_ready(ref)),
             "peak_gpu": ratio(res.get("peak_gpu_bytes"), ref.get("peak_gpu_bytes")),
             "image_matches": res.get("image_matches"),
         }
@@ -65,6 +73,7 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(
             f"  {name}: end-to-end {e2e['median']:.3f}s (p90 {e2e['p90']:.3f}, min {e2e['min']:.3f}), "
             f"UNet step {step['median'] * 1e3:.1f} ms, cold start {_fmt_s(res.get('cold_start_s'))}, "
+            f"ready {_fmt_s(time_to_ready(res))}, "
             f"peak RSS {_mib(res.get('peak_rss_bytes'))} MiB"
             + (f", peak GPU {_mib(res.get('peak_gpu_bytes'))} MiB" if res.get("peak_gpu_bytes") is not None else "")
             + (f", max |diff| {diff:.2e}" if diff is not None else "")
@@ -75,7 +84,7 @@ def summary_lines(report: dict) -> list[str]:
         tag = "" if r.get("image_matches") is not False else "  (image mismatch: not a valid comparison)"
         lines.append(
             f"{name} / {report['reference']}: end-to-end {_x(r['end_to_end'])}, UNet step {_x(r['unet_step'])}, "
-            f"peak RSS {_x(r['peak_rss'])}, cold start {_x(r['cold_start'])}"
+            f"peak RSS {_x(r['peak_rss'])}, cold start {_x(r['cold_start'])}, time to ready {_x(r.get('time_to_ready'))}"
             + (f", peak GPU {_x(r['peak_gpu'])}" if r.get("peak_gpu") is not None else "") + tag
         )
     if ranked:
@@ -138,9 +147,9 @@ def markdown(report: dict) -> str:
         f"- created {report['created']}",
         "",
         "| contender | device / precision | end-to-end median s (p90, min) | text encoder ms | UNet step ms | "
-        "UNet GFLOP/s (% of peak) | VAE decode ms | cold start s | peak RSS MiB | peak GPU MiB | max abs diff vs "
+        "UNet GFLOP/s (% of peak) | VAE decode ms | cold start s | time to ready s | peak RSS MiB | peak GPU MiB | max abs diff vs "
         f"{report['reference']} | PSNR vs fp32 dB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ranked = rank(report)
     order = ranked + [n for n, r in report["contenders"].items() if _ok(r) and n not in ranked]
@@ -155,6 +164,7 @@ def markdown(report: dict) -> str:
             f"| {name}{flag} | {r.get('device')} / {r.get('precision')} | {e2e['median']:.3f} ({e2e['p90']:.3f}, {e2e['min']:.3f}) "
             f"| {_ms(r, 'text_encoder')} | {_ms(r, 'unet_step')} | {_gflops(rf.get('achieved_flops_per_s'))}"
             f"{'' if frac is None else f' ({frac:.0%})'} | {_ms(r, 'vae_decoder')} | {_fmt_s(r.get('cold_start_s'))} "
+            f"| {_fmt_s(time_to_ready(r))} "
             f"| {_mib(r.get('peak_rss_bytes'))} | {_mib(r.get('peak_gpu_bytes'))} "
             f"| {'n/a' if diff is None else f'{diff:.2e}'} | {_db(r.get('image_psnr_db'))} |"
         )
@@ -172,11 +182,12 @@ def markdown(report: dict) -> str:
         out += ["", "Checks:", ""] + [f"- {n}: {note}" for n, note in notes]
     if report.get("ratios"):
         out += ["", f"## sdrt / {report['reference']}", "",
-                "| contender | end-to-end | UNet step | peak RSS | cold start | peak GPU |", "|---|---|---|---|---|---|"]
+                "| contender | end-to-end | UNet step | peak RSS | cold start | time to ready | peak GPU |",
+                "|---|---|---|---|---|---|---|"]
         for n, r in report["ratios"].items():
             tag = " (image mismatch)" if r.get("image_matches") is False else ""
             out.append(f"| {n}{tag} | {_x(r['end_to_end'])} | {_x(r['unet_step'])} | {_x(r['peak_rss'])} "
-                       f"| {_x(r['cold_start'])} | {_x(r.get('peak_gpu'))} |")
+                       f"| {_x(r['cold_start'])} | {_x(r.get('time_to_ready'))} | {_x(r.get('peak_gpu'))} |")
     unet = roof.get("unet") or {}
     if roof:
         out += ["", "## Roofline", ""]

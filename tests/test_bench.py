@@ -188,8 +188,11 @@ def test_bench_report_structure(bench_report):
     assert "numpy" in roof["cpu_fp32"]["library"]
 
     ratios = report["ratios"]["sdrt-ort-cpu"]
-    for key in ("end_to_end", "unet_step", "peak_rss", "cold_start"):
+    for key in ("end_to_end", "unet_step", "peak_rss", "cold_start", "time_to_ready"):
         assert ratios[key] is not None and ratios[key] > 0
+    # time to ready (imports + load) is part of the cold start
+    for name in ("sdrt-ort-cpu", "diffusers"):
+        assert 0 < cs[name]["import_s"] + cs[name]["load_s"] < cs[name]["cold_start_s"]
     assert any(line.startswith("sdrt-ort-cpu / diffusers:") for line in report["summary"])
 
     # each contender's cold start found its files in the page cache (read just before it was spawned)
