@@ -226,22 +226,6 @@ def test_precisions_a_backend_or_cpu_cannot_run_are_refused_in_one_line():
         check("openvino", "fp8")
 
 
-def test_auto_runs_each_reduced_precision_on_the_cpu_backend_measured_faster(monkeypatch):
-    from sdrt.runtime.backends import auto_cpu_backend, openvino as ov_backend
-
-    qdq = {"components": {"unet": {"variants": {"int8": {"format": "onnx", "method": "ort-static"}}}}}
-    ir = {"components": {"unet": {"variants": {"int8": {"format": "openvino", "method": "nncf"}}}}}
-    avx2, vnni = {"avx2", "fma"}, {"avx2", "avx512f", "avx512_vnni"}
-    monkeypatch.setattr(ov_backend, "openvino_available", lambda: True)
-    assert auto_cpu_backend("bf16", qdq, vnni) == "openvino"
-    assert auto_cpu_backend("int8", qdq, avx2) == "ort-cpu"  # no VNNI: ONNX Runtime's int8 kernels are the faster
-    assert auto_cpu_backend("int8", qdq, vnni) == "openvino"
-    assert auto_cpu_backend("int8", ir, avx2) == "openvino"  # only OpenVINO runs an IR
-    monkeypatch.setattr(ov_backend, "openvino_available", lambda: False)
-    assert auto_cpu_backend("int8", qdq, vnni) == "ort-cpu"
-    assert auto_cpu_backend("int8", ir, avx2) == "openvino"  # and says to install it
-
-
 def test_int8_without_a_quantized_unet_says_to_run_sdrt_quantize(sd1_copy):
     with pytest.raises(ModelDirError, match=r"has no int8 unet; make one with `sdrt quantize .*` first"):
         Pipeline.load(sd1_copy, backend="openvino", precision="int8")

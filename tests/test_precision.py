@@ -70,6 +70,23 @@ def test_nncf_hybrid_quantize_runs_on_openvino_and_ort_says_it_cannot(model_dir,
     assert Pipeline.load(root, precision="int8").backend == "openvino"  # auto: the backend that runs it
 
 
+def test_auto_runs_each_reduced_precision_on_the_cpu_backend_measured_faster(monkeypatch):
+    """Without OpenVINO installed too: the choice reads the CPU's flags and the manifest only."""
+    from sdrt.runtime.backends import auto_cpu_backend, openvino as ov_backend
+
+    qdq = {"components": {"unet": {"variants": {"int8": {"format": "onnx", "method": "ort-static"}}}}}
+    ir = {"components": {"unet": {"variants": {"int8": {"format": "openvino", "method": "nncf"}}}}}
+    avx2, vnni = {"avx2", "fma"}, {"avx2", "avx512f", "avx512_vnni"}
+    monkeypatch.setattr(ov_backend, "openvino_available", lambda: True)
+    assert auto_cpu_backend("bf16", qdq, vnni) == "openvino"
+    assert auto_cpu_backend("int8", qdq, avx2) == "ort-cpu"  # no VNNI: ONNX Runtime's int8 kernels are the faster
+    assert auto_cpu_backend("int8", qdq, vnni) == "openvino"
+    assert auto_cpu_backend("int8", ir, avx2) == "openvino"  # only OpenVINO runs an IR
+    monkeypatch.setattr(ov_backend, "openvino_available", lambda: False)
+    assert auto_cpu_backend("int8", qdq, vnni) == "ort-cpu"
+    assert auto_cpu_backend("int8", ir, avx2) == "openvino"  # and says to install it
+
+
 def test_bf16_on_openvino_is_close_to_fp32(model_dir, fp32):
     if not _have_openvino():
         pytest.skip("needs OpenVINO (pip install 'sdrt[openvino]')")
