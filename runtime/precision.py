@@ -74,6 +74,22 @@ def is_inside(rel) -> bool:
     return not p.anchor and ".." not in p.parts
 
 
+def _variant(rec: dict, precision: str):
+    """The record of ``precision``'s graph of a component (``components.NAME.variants``), or None."""
+    return ((rec or {}).get("variants") or {}).get(precision)
+
+
+def is_openvino_ir(variant) -> bool:
+    """Whether a variant is an OpenVINO IR (`sdrt quantize --method nncf`), which only the openvino backend runs."""
+    return isinstance(variant, dict) and variant.get("format", "onnx") == "openvino"
+
+
+def needs_openvino(manifest: dict, precision: str) -> bool:
+    """Whether ``precision``'s graphs in the model directory include an OpenVINO IR."""
+    comps = manifest.get("components", {})
+    return precision == "int8" and any(is_openvino_ir(_variant(comps.get(n), precision)) for n in INT8_COMPONENTS)
+
+
 def component_records(model_dir: Path, manifest: dict, precision: str, backend: str = "ort-cpu") -> dict[str, dict]:
     """{component: the record to open} for ``precision`` on ``backend``: for int8, the UNet's int8 variant in
     place of its fp32 graph (ModelDirError saying to run `sdrt quantize` when the model directory has none)."""
@@ -84,7 +100,7 @@ def component_records(model_dir: Path, manifest: dict, precision: str, backend: 
         rec = comps.get(name)
         if rec is None:
             continue
-        variant = (rec.get("variants") or {}).get("int8")
+        variant = _variant(rec, "int8")
         if not isinstance(variant, dict) or not isinstance(variant.get("file"), str):
             raise ModelDirError(f"{model_dir} has no int8 {name}; make one with `sdrt quantize {model_dir}` first")
         for key in ("file", "external_data"):
@@ -92,7 +108,7 @@ def component_records(model_dir: Path, manifest: dict, precision: str, backend: 
             if rel is not None and not is_inside(rel):
                 raise ModelDirError(f"sdrt.json: components.{name}.variants.int8.{key} {rel!r} is not a path inside "
                                     "the model directory; run `sdrt quantize` again")
-        if variant.get("format", "onnx") == "openvino" and backend != "openvino":
+        if is_openvino_ir(variant) and backend != "openvino":
             raise ModelDirError(f"{model_dir}'s int8 {name} is an OpenVINO IR (`sdrt quantize --method nncf`), which "
                                 f"the {backend} backend cannot run: use --backend openvino, or quantize again with "
                                 "--method ort-static")

@@ -85,12 +85,9 @@ def auto_cpu_backend(precision: str, manifest: dict, flags: set[str] | None = No
     an OpenVINO IR (``sdrt quantize --method nncf``), and for a QDQ graph where the CPU has VNNI (AVX-512: 779
     against 1022 ms a UNet step, and its VAE in bf16); ONNX Runtime on a CPU without VNNI (AVX2: 1.40 against
     1.79 s), or where OpenVINO is not installed."""
-    from ..precision import isa
+    from ..precision import isa, needs_openvino
 
-    if precision == "bf16":
-        return "openvino"
-    variant = (manifest.get("components", {}).get("unet", {}).get("variants") or {}).get(precision) or {}
-    if variant.get("format") == "openvino":
+    if precision == "bf16" or needs_openvino(manifest, precision):
         return "openvino"
     from .openvino import openvino_available
 
