@@ -276,6 +276,22 @@ def test_bf16_compiles_an_ir_with_bf16_weights_made_once(sd1_copy):
     assert engine._bf16_ir() is None
 
 
+def test_a_compile_is_cached_by_what_is_compiled_not_by_the_precision_asked_for(sd1_copy):
+    """int8's text encoder is fp32's compile and its VAE decoder bf16's (fp32's without native bf16): one cache
+    entry each, so switching precision compiles only what differs; bf16's UNet (its own IR) has its own."""
+    from sdrt.runtime.precision import isa
+
+    comps = json.loads((sd1_copy / "sdrt.json").read_text())["components"]
+
+    def entry(name, precision):
+        return OvEngine(name, sd1_copy, comps[name], precision=precision, prefetch=False).cache_dir
+
+    assert entry("text_encoder", "int8") == entry("text_encoder", "fp32") == entry("text_encoder", "bf16")
+    assert entry("vae_decoder", "int8") == entry("vae_decoder", "bf16" if isa()["bf16"] else "fp32")
+    assert entry("vae_decoder", "bf16") != entry("vae_decoder", "fp32")
+    assert len({entry("unet", "bf16"), entry("unet", "fp32"), entry("unet", "int8")}) == 3 - (not isa()["bf16"])
+
+
 def test_bf16_pipeline_runs_where_the_cpu_has_it(sd1_copy, ort_image):
     from sdrt.runtime.precision import isa
 

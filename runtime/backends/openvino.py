@@ -242,8 +242,8 @@ class OvEngine:
         self.config = {"INFERENCE_PRECISION_HINT": _hint(precision, name), "PERFORMANCE_HINT": "LATENCY",
                        "INFERENCE_NUM_THREADS": self.threads}
         self.core = ov.Core()
-        self.cache_dir = self._cache_dir(ov) if cache else None
         self.weights: dict = dict(weights or {})
+        self.cache_dir = self._cache_dir(ov) if cache else None
         self._compiled = None  # (shape signature, compiled model, infer request)
         self.cache_state = ""  # what the compiled model in use came from: "hit" (the cache), "filled" (compiled and
         # cached), "none" (compiled, not cacheable); "" before the first call
@@ -273,21 +273,25 @@ class OvEngine:
         rec = self.record
         stats = [((self.model_dir / f).stat().st_size, (self.model_dir / f).stat().st_mtime_ns)
                  for f in (rec["file"], rec.get("external_data")) if f]
+        # keyed by what is compiled (the graph, the IR made from it, the hint), not by the precision asked for: int8's
+        # text encoder is fp32's compile, its VAE decoder bf16's
+        source = "bf16-ir" if self._reads_bf16_ir() else "graph"
         key = hashlib.sha256(f"{rec.get('sha256')}|{rec.get('external_data_sha256')}|{stats}|{ov.__version__}|"
-                             f"{self.precision}|{self.config['INFERENCE_PRECISION_HINT']}|{self.threads}".encode()).hexdigest()[:16]
+                             f"{source}|{self.config['INFERENCE_PRECISION_HINT']}|{self.threads}".encode()).hexdigest()[:16]
         return cache_entry(root, self.name, "openvino", key)
 
-    def _bf16_ir(self) -> Path | None:
-        """Where this engine's bf16-weights IR is cached: in bf16, with the exported weights, for a denoiser (the
+    def _reads_bf16_ir(self) -> bool:
+        """Whether this engine compiles a bf16-weights IR: in bf16, with the exported weights, for a denoiser (the
         UNet, a ControlNet: their weights are the bulk of a model; not a VAE, whose decoder decodes 14% slower
-        from it), in a writable cache; else None."""
+        from it)."""
         from ..controlnet import is_controlnet
 
-        if self.config["INFERENCE_PRECISION_HINT"] != "bf16" or self.precision != "bf16" or self.weights:
-            return None
-        if self.cache_dir is None or not (self.name == "unet" or is_controlnet(self.name)):
-            return None
-        return self.cache_dir / "model.bf16.xml"
+        return (self.config["INFERENCE_PRECISION_HINT"] == "bf16" and self.precision == "bf16" and not self.weights
+                and (self.name == "unet" or is_controlnet(self.name)))
+
+    def _bf16_ir(self) -> Path | None:
+        """Where this engine's bf16-weights IR is cached (``_reads_bf16_ir``, in a writable cache), else None."""
+        return self.cache_dir / "model.bf16.xml" if self.cache_dir is not None and self._reads_bf16_ir() else None
 
     def _read(self):
         """The graph as exported (external data read by OpenVINO itself), its named initializers replaced by
