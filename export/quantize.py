@@ -4,7 +4,8 @@ UNet inputs captured from real denoising runs of the model itself, and recorded 
 
 Methods:
 
-- ``ort-static`` (default): ONNX Runtime's static quantization (``onnxruntime.quantization.quantize_static``):
+- ``auto`` (default): ``nncf`` on a CPU with VNNI where NNCF is installed, else ``ort-static`` (``resolve_method``).
+- ``ort-static``: ONNX Runtime's static quantization (``onnxruntime.quantization.quantize_static``):
   QDQ, activations uint8 (asymmetric, MinMax over the calibration set), weights int8 per channel; Conv, Gemm
   and the MatMuls with a weight (attention's activation-by-activation MatMuls stay float, ``MatMulConstBOnly``).
   An ONNX graph: ONNX Runtime (``ort-cpu``) and OpenVINO both run it with int8 kernels.
@@ -30,7 +31,7 @@ import numpy as np
 
 from sdrt.runtime.errors import SdrtError
 
-METHODS = ("ort-static", "nncf")
+METHODS = ("auto", "ort-static", "nncf")
 COMPONENT = "unet"
 # Calibration prompts: varied subjects, styles and compositions, as a user's prompts would be (the built-in
 # default model reads its own words in them and tokenizes the rest).
@@ -48,6 +49,28 @@ PROMPTS = (
 
 class QuantizeError(SdrtError, RuntimeError):
     """``sdrt quantize`` cannot run as asked; the message says why and what to do."""
+
+
+def resolve_method(method: str, flags: set[str] | None = None, nncf_available: bool | None = None) -> tuple[str, str]:
+    """(the method to run, why): ``auto`` picks the one `--precision int8` then runs best on this machine, as
+    ``auto_cpu_backend`` picks its backend. On a CPU with VNNI, ``nncf`` (OpenVINO runs int8 fastest there, and
+    NNCF's hybrid mode keeps the image closer to fp32); elsewhere, or without NNCF, ``ort-static``, which both
+    CPU backends run (ONNX Runtime, the faster one on AVX2)."""
+    if method != "auto":
+        return method, "as asked"
+    from sdrt.runtime.precision import isa
+
+    if not isa(flags)["vnni"]:
+        return "ort-static", "this CPU has no VNNI, where ONNX Runtime runs int8 fastest"
+    if nncf_available is None:
+        import importlib.util
+
+        nncf_available = all(importlib.util.find_spec(m) is not None for m in ("nncf", "openvino"))
+    if not nncf_available:
+        return "ort-static", ("NNCF is not installed (`pip install 'sdrt[openvino]'` for --method nncf, faster and "
+                              "closer to fp32 on this CPU)")
+    return "nncf", ("this CPU has VNNI, where OpenVINO runs NNCF's int8 fastest and closest to fp32; "
+                    "--method ort-static for an int8 graph ONNX Runtime runs too")
 
 
 class _Recorder:
@@ -157,7 +180,7 @@ def _check_onnx_can_read(model_dir: Path, rec: dict) -> None:
                             "(`cp -r`, not `cp -al`), or use --method nncf")
 
 
-def quantize_model(model_dir: str | os.PathLike, method: str = "ort-static", prompts=None, num_prompts: int | None = None,
+def quantize_model(model_dir: str | os.PathLike, method: str = "auto", prompts=None, num_prompts: int | None = None,
                    steps: int = 10, height: int | None = None, width: int | None = None, guidance: float | None = None,
                    seed: int = 0, log=print) -> dict:
     """Write the int8 UNet of ``model_dir`` and record it in sdrt.json; returns the variant's record."""
@@ -169,6 +192,9 @@ def quantize_model(model_dir: str | os.PathLike, method: str = "ort-static", pro
     model_dir = Path(model_dir)
     if method not in METHODS:
         raise QuantizeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "auto":
+        method, why = resolve_method(method)
+        log(f"method: {method} ({why})")
     manifest = load_manifest(model_dir)
     rec = manifest["components"].get(COMPONENT)
     if rec is None:

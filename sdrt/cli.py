@@ -509,8 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="write an int8 UNet into a model directory, calibrated on its own denoising runs")
     p.add_argument("model_dir")
-    p.add_argument("--method", default="ort-static", choices=("ort-static", "nncf"),
-                   help="ort-static: ONNX Runtime static quantization, QDQ (ort-cpu and openvino run it; default); "
+    p.add_argument("--method", default="auto", choices=("auto", "ort-static", "nncf"),
+                   help="auto (default): nncf on a CPU with VNNI where NNCF is installed, else ort-static; "
+                        "ort-static: ONNX Runtime static quantization, QDQ (ort-cpu and openvino run it); "
                         "nncf: NNCF hybrid mode as optimum-intel's, an OpenVINO IR (openvino only)")
     p.add_argument("--prompts", metavar="FILE", help="calibration prompts, one a line (default: 8 built-in ones)")
     p.add_argument("--num-prompts", type=int, help="use the first N calibration prompts")

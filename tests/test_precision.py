@@ -87,6 +87,20 @@ def test_auto_runs_each_reduced_precision_on_the_cpu_backend_measured_faster(mon
     assert auto_cpu_backend("int8", ir, avx2) == "openvino"  # and says to install it
 
 
+def test_quantize_auto_writes_the_int8_graph_that_runs_best_on_this_cpu():
+    """`sdrt quantize`'s default follows `auto`'s backend: NNCF on a CPU with VNNI (OpenVINO runs its int8 the
+    fastest there, and it is the closer to fp32), ONNX Runtime's QDQ elsewhere or without NNCF."""
+    from sdrt.export.quantize import resolve_method
+
+    avx2, vnni = {"avx2", "fma"}, {"avx2", "avx512f", "avx512_vnni"}
+    assert resolve_method("auto", vnni, nncf_available=True)[0] == "nncf"
+    assert resolve_method("auto", avx2, nncf_available=True)[0] == "ort-static"
+    method, why = resolve_method("auto", vnni, nncf_available=False)
+    assert method == "ort-static" and "pip install 'sdrt[openvino]'" in why
+    assert resolve_method("ort-static", vnni, nncf_available=True)[0] == "ort-static"  # asked for: as asked
+    assert resolve_method("nncf", avx2, nncf_available=False)[0] == "nncf"  # (and says what to install when it runs)
+
+
 def test_bf16_on_openvino_is_close_to_fp32(model_dir, fp32):
     if not _have_openvino():
         pytest.skip("needs OpenVINO (pip install 'sdrt[openvino]')")
@@ -138,5 +152,5 @@ def test_ort_static_quantize_refuses_hard_linked_external_data_before_calibratin
     (root / "sdrt.json").write_text(json.dumps(manifest))
     calls = []
     with pytest.raises(QuantizeError, match=r"2 hard links.*cp -r.*--method nncf"):
-        quantize_model(root, num_prompts=1, steps=1, height=64, width=64, log=calls.append)
+        quantize_model(root, method="ort-static", num_prompts=1, steps=1, height=64, width=64, log=calls.append)
     assert calls == []  # said before any calibration run
